@@ -1,0 +1,17 @@
+"""ringsync: synchronous data-parallel training over a hand-written ring all-reduce.
+
+    import ringsync as rs
+    rs.init()
+    total = rs.allreduce(np.ones(4), op=rs.Sum)   # every rank gets [p, p, p, p]
+"""
+from .collectives import allgather, allreduce, allreduce_, barrier, broadcast, broadcast_
+from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
+from .ops import Average, Max, Min, Sum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+    "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
+    "Sum", "Average", "Min", "Max",
+]

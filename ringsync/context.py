@@ -1,0 +1,129 @@
+"""The MPI world ringsync runs in: init, rank and size, local rank, and abort on a crash.
+
+This is the only global state in ringsync: the communicator the collectives use, plus a
+small scratch-buffer cache tied to it.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from types import TracebackType
+
+import numpy as np
+from mpi4py import MPI
+
+
+class World:
+    """ringsync's view of one MPI communicator: a private duplicate plus scratch space."""
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        # A duplicate gives ringsync its own message space: our point-to-point traffic can
+        # never match a message the user's own code sends on the original communicator.
+        self.comm: MPI.Comm = comm.Dup()
+        # Ranks that share a node (shared memory) form the "local" group, as in Horovod.
+        self.local_comm: MPI.Comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = self.comm.Get_size()
+        self._scratch: dict[np.dtype, np.ndarray] = {}
+
+    def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
+        """A reusable 1-D buffer of at least `count` elements: no allocation per call."""
+        buf = self._scratch.get(dtype)
+        if buf is None or buf.size < count:
+            buf = np.empty(max(count, 1), dtype=dtype)
+            self._scratch[dtype] = buf
+        return buf[:count]
+
+    def free(self) -> None:
+        for c in (self.local_comm, self.comm):
+            if c != MPI.COMM_NULL:
+                c.Free()
+        self._scratch.clear()
+
+
+_world: World | None = None
+
+
+def init(comm: MPI.Comm | None = None) -> None:
+    """Start ringsync on `comm` (default MPI.COMM_WORLD); an uncaught exception then aborts the job.
+
+    Calling it again with the same communicator is a no-op; with another, it switches.
+    """
+    global _world
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py MPI.Comm, got {type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise ValueError("comm must not be MPI.COMM_NULL")
+    if _world is not None:
+        if MPI.Comm.Compare(_world.comm, comm) == MPI.CONGRUENT:
+            return
+        _world.free()
+    _world = World(comm)
+    _install_abort_hook()
+
+
+def shutdown() -> None:
+    """Release ringsync's communicators; init() may be called again afterwards."""
+    global _world
+    if _world is not None:
+        _world.free()
+        _world = None
+
+
+def is_initialized() -> bool:
+    """True between init() and shutdown()."""
+    return _world is not None
+
+
+def world() -> World:
+    """The current World; raises if init() has not been called."""
+    if _world is None:
+        raise RuntimeError("ringsync is not initialized: call ringsync.init() first")
+    return _world
+
+
+def rank() -> int:
+    """This process's rank in ringsync's communicator."""
+    return world().rank
+
+
+def size() -> int:
+    """The number of ranks in ringsync's communicator."""
+    return world().size
+
+
+def local_rank() -> int:
+    """This process's rank among the ranks on the same node."""
+    return world().local_comm.Get_rank()
+
+
+def local_size() -> int:
+    """The number of ranks on this node."""
+    return world().local_comm.Get_size()
+
+
+# --- abort on an uncaught exception ---------------------------------------------------------
+# In a synchronous job a rank that dies leaves the others blocked in a collective forever.
+# So an uncaught exception on any rank prints its traceback, names the rank, and aborts the
+# whole job through MPI_Abort: every process ends, mpiexec exits non-zero, nobody hangs.
+
+_previous_hook = None
+
+
+def _abort_on_uncaught(exc_type: type[BaseException], exc: BaseException,
+                       tb: TracebackType | None) -> None:
+    r, n = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    sys.stderr.write(f"ringsync: uncaught exception on rank {r} of {n}; aborting the job\n{text}")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    MPI.COMM_WORLD.Abort(1)
+
+
+def _install_abort_hook() -> None:
+    global _previous_hook
+    if sys.excepthook is not _abort_on_uncaught:
+        _previous_hook = sys.excepthook
+        sys.excepthook = _abort_on_uncaught

@@ -1,0 +1,20 @@
+"""Packaging for ringsync: a Horovod-style data-parallel training library in Python."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ringsync",
+    version="0.1.0",
+    description="Hand-written ring all-reduce, tensor fusion and straggler timing over mpi4py",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ringsync", "ringsync.*"]),
+    install_requires=["numpy>=1.24", "mpi4py>=4"],
+    extras_require={
+        # the MPI library itself, from PyPI; leave it out to use a system MPI
+        "mpich": ["mpich"],
+        "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "hypothesis>=6", "ruff"],
+        "gpu": ["cupy"],
+    },
+    entry_points={"console_scripts": []},
+)

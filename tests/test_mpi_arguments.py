@@ -1,0 +1,44 @@
+"""Bad arguments raise ValueError/TypeError naming the argument, on every rank, before any traffic."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+
+@pytest.mark.mpi
+def test_unknown_op(rs):
+    with pytest.raises(ValueError, match="op must be one of .*'prod'"):
+        rs.allreduce(np.ones(3), op="prod")
+
+
+@pytest.mark.mpi
+def test_unsupported_dtype(rs):
+    with pytest.raises(TypeError, match="x has unsupported dtype complex128"):
+        rs.allreduce(np.ones(3, dtype=complex))
+    with pytest.raises(TypeError, match="x has unsupported dtype object"):
+        rs.allreduce(np.array([object()]))
+
+
+@pytest.mark.mpi
+def test_in_place_needs_writeable_contiguous_ndarray(rs):
+    ro = np.ones(4)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="x is read-only"):
+        rs.allreduce_(ro)
+    with pytest.raises(ValueError, match="x is not C-contiguous"):
+        rs.allreduce_(np.ones((4, 4))[:, 1])
+    with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
+        rs.allreduce_([1.0, 2.0])
+
+
+@pytest.mark.mpi
+def test_root_out_of_range(rs):
+    with pytest.raises(ValueError, match=r"root must be in \[0, "):
+        rs.broadcast(np.ones(2), root=MPI.COMM_WORLD.size)
+    with pytest.raises(TypeError, match="root must be an int"):
+        rs.broadcast(np.ones(2), root="0")
+
+
+@pytest.mark.mpi
+def test_world_facts(rs):
+    assert rs.size() == MPI.COMM_WORLD.size and rs.rank() == MPI.COMM_WORLD.rank
+    assert 0 <= rs.local_rank() < rs.local_size() <= rs.size()
