@@ -88,7 +88,7 @@ def synthetic_dataset(samples: int = 10_000, features: int = 64, classes: int = 
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     rng = np.random.default_rng([seed, 7])
-    centres = rng.standard_normal((classes, features)) * 2.0
+    centres = rng.standard_normal((classes, features)) * 0.4    # overlapping: learnable, not trivial
     y = rng.integers(0, classes, size=samples)
     x = centres[y] + rng.standard_normal((samples, features))
     return split("synthetic", x, y.astype(np.int64))
