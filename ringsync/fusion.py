@@ -209,7 +209,7 @@ class FlatViews(tuple):
 
     owner: FlatBuffer
 
-    def __new__(cls, views: Sequence[np.ndarray], owner: FlatBuffer) -> FlatViews:
+    def __new__(cls, views: Sequence[np.ndarray], owner: FlatBuffer) -> FlatViews:  # noqa: PYI034
         self = super().__new__(cls, views)
         self.owner = owner
         return self
