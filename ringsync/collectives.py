@@ -6,9 +6,13 @@ underscore means "in place" (the call fills and returns its argument).
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import numpy as np
 
-from . import ops
+from . import join, ops
+from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
 from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
@@ -39,32 +43,114 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
-def _allreduce_flat_(flat: np.ndarray, op: str) -> None:
-    """The ring on a contiguous 1-D buffer, then the average's division if asked."""
+F = TypeVar("F", bound=Callable)
+
+
+def _collective(front_door: F) -> F:
+    """Wrap a public collective: count the call (agreement.py, stall.py), and if this rank
+    refuses its own arguments, make the other ranks' matching call fail too, not hang."""
+    @functools.wraps(front_door)
+    def call(*args, **kwargs):
+        checker = world().checker
+        checker.calls += 1
+        checker.armed = False
+        try:
+            return front_door(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            if not checker.armed:           # raised before the call's fingerprint: arguments
+                checker.refuse(exc)
+            raise
+        finally:
+            checker.done = checker.calls
+    return call  # type: ignore[return-value]
+
+
+def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
+                     contributors: int = 0) -> None:
+    """The ring on a contiguous 1-D buffer, then the average's division if asked.
+
+    `guard` checks cross-rank agreement on the way (agreement.py); `contributors` is the
+    number of ranks whose data counts for an average (join.py), all of them by default.
+    """
     w = world()
     if w.size > 1 and flat.size:
         largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
-        ring_allreduce_(flat, w.comm, ops.OPS[op], scratch=w.scratch(largest_chunk, flat.dtype))
+        ring_allreduce_(flat, w.comm, ops.OPS[op], scratch=w.scratch(2 * largest_chunk, flat.dtype),
+                        guard=guard)
+    elif guard is not None:
+        guard.agree(w.comm)         # no data, but the ranks must still agree
+    if guard is not None and guard.bad:
+        return join.redo_allreduce_(flat, op, guard)   # raises on every rank, unless joined
     if op == ops.Average:
-        ops.finish_average_(flat, w.size)
+        ops.finish_average_(flat, contributors or w.size)
 
 
-def allreduce(x: object, op: str = ops.Sum) -> np.ndarray:
+def _check_finite(flat: np.ndarray, guard: Checker | None, name: str | None) -> None:
+    """RINGSYNC_CHECK_FINITE: a NaN/Inf here fails this call on every rank, naming this one."""
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        if guard is None:   # a single rank
+            raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or Inf in "
+                                     f"the input on rank {world().rank}")
+        guard.poison(NONFINITE)
+
+
+@_collective
+def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks and return the result as a new array.
 
     `x` is left untouched; any shape and layout is accepted. Every rank gets the same bits.
+    `name` labels the tensor in error messages (and must then agree across ranks).
     """
     op = ops.resolve_op(op)
     out = np.array(_as_array(x, "x"), order="C", copy=True)
-    _allreduce_flat_(out.reshape(-1), op)
+    _check_name(name)
+    checker = world().checker
+    guard = checker.arm(ALLREDUCE, op, out.dtype, out.shape, name=name)
+    if checker.finite:
+        _check_finite(out.reshape(-1), guard, name)
+    _allreduce_flat_(out.reshape(-1), op, guard)
     return out
 
 
-def allreduce_(x: np.ndarray, op: str = ops.Sum) -> np.ndarray:
+@_collective
+def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
     op = ops.resolve_op(op)
-    _allreduce_flat_(_check_inplace(x, "x").reshape(-1), op)
+    flat = _check_inplace(x, "x").reshape(-1)
+    _check_name(name)
+    checker = world().checker
+    guard = checker.arm(ALLREDUCE, op, x.dtype, x.shape, name=name)
+    if checker.finite:
+        _check_finite(flat, guard, name)
+    _allreduce_flat_(flat, op, guard)
     return x
+
+
+@_collective
+def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...],
+                     name: str | None = None) -> np.ndarray:
+    """Reduce a fusion buffer holding tensors of `shapes`, packed, in place; return it.
+
+    Like allreduce_, but the agreement check also covers the number of tensors and their
+    shapes, so ranks that packed different groups raise instead of mixing them up.
+    """
+    op = ops.resolve_op(op)
+    flat = _check_inplace(flat, "flat")
+    if flat.ndim != 1:
+        raise ValueError(f"flat must be 1-D, got shape {flat.shape}")
+    _check_name(name)
+    checker = world().checker
+    guard = checker.arm(ALLREDUCE, op, flat.dtype, flat.shape, group=len(shapes),
+                        layout=hash(tuple(tuple(s) for s in shapes)), name=name)
+    if checker.finite:
+        _check_finite(flat, guard, name)
+    _allreduce_flat_(flat, op, guard)
+    return flat
+
+
+def _check_name(name: object) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
 
 
 def _check_root(root: object) -> int:
@@ -76,20 +162,33 @@ def _check_root(root: object) -> int:
     return int(root)
 
 
-def broadcast_(x: np.ndarray, root: int = 0) -> np.ndarray:
+@_collective
+def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
+    return _broadcast_(_check_inplace(x, "x"), root, name)
+
+
+@_collective
+def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
+    """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
+    return _broadcast_(np.array(_as_array(x, "x"), order="C", copy=True), root, name)
+
+
+def _broadcast_(x: np.ndarray, root: object, name: str | None) -> np.ndarray:
     root = _check_root(root)
-    tree_broadcast_(_check_inplace(x, "x").reshape(-1), world().comm, root)
+    _check_name(name)
+    w = world()
+    guard = w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root, name=name)
+    if guard is not None:
+        guard.agree(w.comm)
+        if guard.bad:
+            guard.settle()    # raises on every rank, unless ranks have joined: then go on
+    tree_broadcast_(x.reshape(-1), w.comm, root)
     return x
 
 
-def broadcast(x: object, root: int = 0) -> np.ndarray:
-    """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
-    out = np.array(_as_array(x, "x"), order="C", copy=True)
-    return broadcast_(out, root)
-
-
-def allgather(x: object) -> np.ndarray:
+@_collective
+def allgather(x: object, name: str | None = None) -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order, on every rank.
 
     First dimensions may differ between ranks (as in Horovod); the rest of the shape and the
@@ -98,8 +197,17 @@ def allgather(x: object) -> np.ndarray:
     arr = np.ascontiguousarray(_as_array(x, "x"))
     if arr.ndim == 0:
         arr = arr.reshape(1)
+    if arr.ndim > _MAX_NDIM:
+        raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
+    _check_name(name)
+    return _allgather(arr, world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name))
+
+
+def _allgather(arr: np.ndarray, guard: Checker | None) -> np.ndarray:
     w = world()
-    rows = _exchange_layouts(arr)
+    rows = _exchange_layouts(arr, guard)
+    if rows is None:                        # some ranks have joined: redone without them
+        return _allgather(arr, None)
     firsts = rows[:, 0]
     out = np.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
@@ -114,16 +222,20 @@ def allgather(x: object) -> np.ndarray:
 _MAX_NDIM = 8
 
 
-def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
-    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash."""
+def _exchange_layouts(arr: np.ndarray, guard: Checker | None) -> np.ndarray | None:
+    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash.
+
+    Returns None if the guard found that some ranks have joined (join.py).
+    """
     w = world()
-    if arr.ndim > _MAX_NDIM:
-        raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
     rows = np.zeros((w.size, 3 + _MAX_NDIM), dtype=np.int64)
     mine = rows[w.rank]
     mine[:3] = arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim
     mine[3:3 + arr.ndim - 1] = arr.shape[1:]
-    ring_allgather_(list(rows), w.comm, owned=w.rank)
+    ring_allgather_(list(rows), w.comm, owned=w.rank, guard=guard)
+    if guard is not None and guard.bad:
+        guard.settle()          # raises on every rank, unless ranks have joined
+        return None
     agreed = (rows[:, 1:] == rows[0, 1:]).all(axis=1)
     if not agreed.all():
         def layout(r: int) -> str:
@@ -134,6 +246,16 @@ def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
     return rows
 
 
+@_collective
 def barrier() -> None:
     """Block until every rank has called barrier()."""
-    dissemination_barrier(world().comm)
+    w = world()
+    guard = w.checker.arm(BARRIER)
+    if guard is None:
+        dissemination_barrier(w.comm)
+        return
+    # Guarded: p-1 empty ring steps. They are a barrier too (each rank hears, hop by hop,
+    # from every other), one more round than the dissemination barrier's log2(p) on 4 ranks.
+    guard.agree(w.comm)
+    if guard.bad:
+        guard.settle()          # raises on every rank, unless ranks have joined
