@@ -53,8 +53,8 @@ KIND_NAMES = {ALLREDUCE: "allreduce", BROADCAST: "broadcast", ALLGATHER: "allgat
 OP_CODES = {name: i for i, name in enumerate(sorted(ops.OPS), start=1)}
 DTYPE_CODES = {dtype: i for i, dtype in enumerate(ops.SUPPORTED_DTYPES, start=1)}
 
-_RESOLVE_TAG = 1        # fingerprint tags are even numbers >= 2; +1 means "this call went bad"
 _EMPTY = np.empty(0, dtype=np.uint8)
+_BYTE, _ANY_TAG, _TRUNCATE = MPI.BYTE, MPI.ANY_TAG, MPI.ERR_TRUNCATE
 
 # A signature record: fixed-width int64 rows that the slow path gathers from every rank.
 _KIND, _OP, _DTYPE, _ROOT, _GROUP, _LAYOUT, _CALL, _FLAGS, _COUNT, _NDIM = range(10)
@@ -80,9 +80,7 @@ class Checker:
         self.comm = comm
         self.enabled = enabled and comm.Get_size() > 1   # benchmarks may flip this
         self.finite = finite                             # RINGSYNC_CHECK_FINITE
-        self.calls = 0      # collective calls begun on this rank: the call-order fingerprint
-        self.done = 0       # calls finished (calls != done: inside one; stall.py reads both)
-        self.armed = False  # this call has a fingerprint (so an argument error came before it)
+        self.calls = 0      # collective calls made on this rank: the call-order fingerprint
         self.tag = 0
         self.bad = 0        # 1 once this rank knows the current call went wrong somewhere
         self.flags = 0
@@ -99,8 +97,8 @@ class Checker:
     def arm(self, kind: int, op: str = "", dtype: np.dtype | None = None, shape: tuple = (),
             root: int = -1, group: int = 1, layout: int = 0,
             name: str | None = None) -> Checker | None:
-        """Fingerprint this call; returns the guard to hand to the algorithm, or None if off."""
-        self.armed = True
+        """Count and fingerprint this call; returns the guard for the algorithm, or None if off."""
+        self.calls += 1
         if not self.enabled:
             return None
         self.signature = (kind, OP_CODES.get(op, 0), DTYPE_CODES.get(dtype, 0), shape,
@@ -113,19 +111,20 @@ class Checker:
     def sendrecv(self, comm: MPI.Comm, sendbuf: np.ndarray, dest: int,
                  recvbuf: np.ndarray, source: int) -> None:
         """One guarded ring step: Sendrecv with this call's tag; note a neighbour that differs."""
+        status = self.status
         try:
             # As raw bytes: a neighbour in a different call may send another dtype, and some
             # MPIs (MPICH) assert, rather than err, on a message of part of an element.
-            comm.Sendrecv([sendbuf, MPI.BYTE], dest, self.tag + self.bad,
-                          [recvbuf, MPI.BYTE], source, MPI.ANY_TAG, self.status)
+            comm.Sendrecv([sendbuf, _BYTE], dest, self.tag + self.bad,
+                          [recvbuf, _BYTE], source, _ANY_TAG, status)
         except MPI.Exception as exc:
             # A message longer than our buffer: the neighbour is in a different call. MPI
             # drops the excess and the communicator stays usable.
-            if exc.Get_error_class() != MPI.ERR_TRUNCATE:
+            if exc.Get_error_class() != _TRUNCATE:
                 raise
             self.bad = 1
             return
-        if self.status.Get_tag() != self.tag:
+        if status.Get_tag() != self.tag:
             self.bad = 1
 
     def agree(self, comm: MPI.Comm) -> None:

@@ -6,9 +6,6 @@ underscore means "in place" (the call fills and returns its argument).
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, TypeVar
-
 import numpy as np
 
 from . import join, ops
@@ -43,26 +40,10 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
-F = TypeVar("F", bound=Callable)
-
-
-def _collective(front_door: F) -> F:
-    """Wrap a public collective: count the call (agreement.py, stall.py), and if this rank
-    refuses its own arguments, make the other ranks' matching call fail too, not hang."""
-    @functools.wraps(front_door)
-    def call(*args, **kwargs):
-        checker = world().checker
-        checker.calls += 1
-        checker.armed = False
-        try:
-            return front_door(*args, **kwargs)
-        except (TypeError, ValueError) as exc:
-            if not checker.armed:           # raised before the call's fingerprint: arguments
-                checker.refuse(exc)
-            raise
-        finally:
-            checker.done = checker.calls
-    return call  # type: ignore[return-value]
+def _refuse(exc: BaseException) -> None:
+    """This rank's arguments are wrong: make the other ranks' matching call fail too (they
+    would otherwise wait for this rank forever); the caller then raises `exc`."""
+    world().checker.refuse(exc)
 
 
 def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
@@ -94,39 +75,36 @@ def _check_finite(flat: np.ndarray, guard: Checker | None, name: str | None) -> 
         guard.poison(NONFINITE)
 
 
-@_collective
 def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks and return the result as a new array.
 
     `x` is left untouched; any shape and layout is accepted. Every rank gets the same bits.
     `name` labels the tensor in error messages (and must then agree across ranks).
     """
-    op = ops.resolve_op(op)
-    out = np.array(_as_array(x, "x"), order="C", copy=True)
-    _check_name(name)
-    checker = world().checker
-    guard = checker.arm(ALLREDUCE, op, out.dtype, out.shape, name=name)
-    if checker.finite:
-        _check_finite(out.reshape(-1), guard, name)
-    _allreduce_flat_(out.reshape(-1), op, guard)
+    try:
+        op = ops.resolve_op(op)
+        out = np.array(_as_array(x, "x"), order="C", copy=True)
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    _reduce_(out.reshape(-1), op, out.shape, name)
     return out
 
 
-@_collective
 def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
-    op = ops.resolve_op(op)
-    flat = _check_inplace(x, "x").reshape(-1)
-    _check_name(name)
-    checker = world().checker
-    guard = checker.arm(ALLREDUCE, op, x.dtype, x.shape, name=name)
-    if checker.finite:
-        _check_finite(flat, guard, name)
-    _allreduce_flat_(flat, op, guard)
+    try:
+        op = ops.resolve_op(op)
+        flat = _check_inplace(x, "x").reshape(-1)
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    _reduce_(flat, op, x.shape, name)
     return x
 
 
-@_collective
 def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...],
                      name: str | None = None) -> np.ndarray:
     """Reduce a fusion buffer holding tensors of `shapes`, packed, in place; return it.
@@ -134,18 +112,28 @@ def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], .
     Like allreduce_, but the agreement check also covers the number of tensors and their
     shapes, so ranks that packed different groups raise instead of mixing them up.
     """
-    op = ops.resolve_op(op)
-    flat = _check_inplace(flat, "flat")
-    if flat.ndim != 1:
-        raise ValueError(f"flat must be 1-D, got shape {flat.shape}")
-    _check_name(name)
+    try:
+        op = ops.resolve_op(op)
+        flat = _check_inplace(flat, "flat")
+        if flat.ndim != 1:
+            raise ValueError(f"flat must be 1-D, got shape {flat.shape}")
+        layout = hash(tuple(tuple(int(d) for d in s) for s in shapes))
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    _reduce_(flat, op, flat.shape, name, len(shapes), layout)
+    return flat
+
+
+def _reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None, group: int = 1,
+             layout: int = 0) -> None:
+    """Fingerprint the call (agreement.py), check finiteness if asked, reduce `flat`."""
     checker = world().checker
-    guard = checker.arm(ALLREDUCE, op, flat.dtype, flat.shape, group=len(shapes),
-                        layout=hash(tuple(tuple(s) for s in shapes)), name=name)
+    guard = checker.arm(ALLREDUCE, op, flat.dtype, shape, -1, group, layout, name)
     if checker.finite:
         _check_finite(flat, guard, name)
     _allreduce_flat_(flat, op, guard)
-    return flat
 
 
 def _check_name(name: object) -> None:
@@ -162,23 +150,33 @@ def _check_root(root: object) -> int:
     return int(root)
 
 
-@_collective
 def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
-    return _broadcast_(_check_inplace(x, "x"), root, name)
+    try:
+        root = _check_root(root)
+        _check_inplace(x, "x")
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    return _broadcast_(x, root, name)
 
 
-@_collective
 def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
     """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
-    return _broadcast_(np.array(_as_array(x, "x"), order="C", copy=True), root, name)
+    try:
+        root = _check_root(root)
+        out = np.array(_as_array(x, "x"), order="C", copy=True)
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    return _broadcast_(out, root, name)
 
 
-def _broadcast_(x: np.ndarray, root: object, name: str | None) -> np.ndarray:
-    root = _check_root(root)
-    _check_name(name)
+def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
-    guard = w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root, name=name)
+    guard = w.checker.arm(BROADCAST, "", x.dtype, x.shape, root, 1, 0, name)
     if guard is not None:
         guard.agree(w.comm)
         if guard.bad:
@@ -187,20 +185,24 @@ def _broadcast_(x: np.ndarray, root: object, name: str | None) -> np.ndarray:
     return x
 
 
-@_collective
 def allgather(x: object, name: str | None = None) -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order, on every rank.
 
     First dimensions may differ between ranks (as in Horovod); the rest of the shape and the
     dtype must agree, or every rank raises ValueError.
     """
-    arr = np.ascontiguousarray(_as_array(x, "x"))
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim > _MAX_NDIM:
-        raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
-    _check_name(name)
-    return _allgather(arr, world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name))
+    try:
+        arr = np.ascontiguousarray(_as_array(x, "x"))
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim > _MAX_NDIM:
+            raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], -1, 1, 0, name)
+    return _allgather(arr, guard)
 
 
 def _allgather(arr: np.ndarray, guard: Checker | None) -> np.ndarray:
@@ -246,7 +248,6 @@ def _exchange_layouts(arr: np.ndarray, guard: Checker | None) -> np.ndarray | No
     return rows
 
 
-@_collective
 def barrier() -> None:
     """Block until every rank has called barrier()."""
     w = world()

@@ -34,18 +34,14 @@ def join() -> int:
     if not checker.enabled:
         raise RuntimeError("join() needs the agreement check: unset RINGSYNC_CHECK_AGREEMENT=0")
     while True:
-        checker.calls += 1
-        try:
-            guard = checker.arm(JOIN)
-            guard.agree(w.comm)
-            if not guard.bad:        # every rank is in join() (the others' fingerprints match)
-                return _finish(checker, w.size)
-            row, joined = guard.settle()     # raises here too if the others disagree
-            if len(joined) == w.size:
-                return _finish(checker, w.size)
-            _take_part(row)
-        finally:
-            checker.done = checker.calls
+        guard = checker.arm(JOIN)
+        guard.agree(w.comm)
+        if not guard.bad:            # every rank is in join() (the others' fingerprints match)
+            return _finish(checker, w.size)
+        row, joined = guard.settle()         # raises here too if the others disagree
+        if len(joined) == w.size:
+            return _finish(checker, w.size)
+        _take_part(row)
 
 
 def _finish(checker: Checker, size: int) -> int:

@@ -71,9 +71,9 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
 
     # Views into buf, one per chunk: no copies, the ring works on the buffer itself.
     chunks = [buf[start:stop] for start, stop in chunk_bounds(buf.size, p)]
-    if scratch is None or scratch.size < 2 * chunks[0].size:
-        scratch = np.empty(2 * chunks[0].size, dtype=buf.dtype)
-    spare = (scratch[:chunks[0].size], scratch[chunks[0].size:2 * chunks[0].size])
+    largest = chunks[0].size
+    if scratch is None or scratch.size < 2 * largest:
+        scratch = np.empty(2 * largest, dtype=buf.dtype)
 
     # Phase 1: reduce-scatter. At step s rank r sends chunk r-s and receives chunk r-s-1,
     # which it folds into its own copy. The chunk it sends at step s+1 is the one it just
@@ -81,7 +81,8 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
     outgoing = chunks[r]
     for step in range(p - 1):
         mine = chunks[(r - step - 1) % p]
-        incoming = spare[step % 2][:mine.size]
+        half = largest * (step % 2)         # scratch's two halves take turns (see below)
+        incoming = scratch[half:half + mine.size]
         if guard is None:
             comm.Sendrecv(outgoing, dest=right, recvbuf=incoming, source=left)
         else:
@@ -92,8 +93,9 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
             reduce(mine, incoming, out=mine)
             outgoing = mine
         else:
-            # Guarded: until all p-1 steps have agreed, partial sums stay in scratch (the
-            # two spare halves take turns), so a refused call leaves buf as it was.
+            # Guarded: until all p-1 steps have agreed, partial sums stay in scratch, the
+            # one sent next step in one half while the other receives, so a refused call
+            # leaves buf as it was.
             reduce(mine, incoming, out=incoming)
             outgoing = incoming
         if observe:

@@ -1,10 +1,11 @@
 """Stall inspector: when a collective waits too long, say which ranks have not arrived.
 
 In a synchronous job one slow, stuck or confused rank freezes all the others inside their
-next collective, silently. The inspector is a watchdog thread on every rank. The hot path
-pays nothing for it beyond two counters the agreement check keeps anyway (calls begun,
-calls finished): the thread wakes once per `interval`, reads them, and does nothing else
-unless the same call has been in progress for longer than RINGSYNC_STALL_WARNING_S.
+next collective, silently. The inspector is a watchdog thread on every rank, and the hot
+path pays nothing for it: the thread wakes once per `interval`, reads the call counter the
+agreement check keeps anyway, and looks at the other threads' Python stacks
+(sys._current_frames) to see whether one is inside a collective. Only when the same call
+has been in progress for longer than RINGSYNC_STALL_WARNING_S does it do anything more.
 
 Then it asks every other rank's watchdog where its rank is (a query on a communicator of
 its own, so it cannot disturb the collective's messages), and the lowest-numbered waiting
@@ -78,17 +79,17 @@ class Inspector:
     # -- the watchdog loop ---------------------------------------------------------------
 
     def _watch(self) -> None:
-        seen, since, warned = (-1, -1), time.monotonic(), False
+        seen, since, warned = (-1, False), time.monotonic(), False
         while not self._stop.wait(self.interval):
             if self.can_ask:
                 self._answer_queries()
-            state = (self.checker.calls, self.checker.done)
+            state = (self.checker.calls, inside_collective())
             now = time.monotonic()
             if state != seen:                 # progress (or a new call) since the last look
                 seen, since, warned, self._changed = state, now, False, now
                 continue
-            calls, done = state
-            if calls == done:                 # not inside a collective: nothing to watch
+            calls, inside = state
+            if not inside:                    # not in a collective: nothing to watch
                 continue
             waited = now - since + self.interval   # it started before we first noticed it
             if self.timeout and waited >= self.timeout:
@@ -101,19 +102,20 @@ class Inspector:
                 if first:
                     self._log(report)
 
-    def _log(self, text: str) -> None:
+    @staticmethod
+    def _log(text: str) -> None:
         sys.stderr.write(f"ringsync: stall inspector: {text}\n")
         sys.stderr.flush()
 
     # -- asking the other ranks ----------------------------------------------------------
 
     def _answer_queries(self) -> None:
-        """Tell any rank that asked: my call counter, calls finished, seconds since a change."""
+        """Tell any rank that asked: my call counter, whether I am in a collective, since when."""
         status = MPI.Status()
         while self.comm.Iprobe(MPI.ANY_SOURCE, _QUERY, status):
             ask = np.empty(1, dtype=np.int64)
             self.comm.Recv(ask, status.Get_source(), _QUERY)
-            me = np.array([self.checker.calls, self.checker.done,
+            me = np.array([self.checker.calls, inside_collective(),
                            int((time.monotonic() - self._changed) * 1000)], dtype=np.int64)
             self._sent.append(self.comm.Isend(me, status.Get_source(), _ANSWER))
         self._sent = [req for req in self._sent if not req.Test()]
@@ -141,11 +143,11 @@ class Inspector:
             if q in self._waiting:
                 silent.append(q)
                 continue
-            their_calls, their_done, age_ms = (int(v) for v in self._answers[q])
-            if their_calls == calls and their_done < calls:
+            their_calls, inside, age_ms = (int(v) for v in self._answers[q])
+            if their_calls == calls and inside:
                 waiting.append(q)
             elif their_calls < calls:
-                where = (f"in call #{their_calls}" if their_done < their_calls
+                where = (f"in call #{their_calls}" if inside
                          else f"outside any collective, after call #{their_calls}")
                 missing.append(f"rank {q} ({where} for {age_ms / 1000:.1f} s)")
             else:
@@ -157,3 +159,20 @@ class Inspector:
         if silent:
             parts.append(f"no answer from ranks {silent}")
         return "; ".join(parts), min(waiting) == w.rank
+
+
+_COLLECTIVE_MODULES = ("ringsync.collectives", "ringsync.join")
+
+
+def inside_collective() -> bool:
+    """Is a thread of this process (other than the caller) inside a ringsync collective?
+
+    Read off the threads' Python stacks: the front doors live in collectives.py and join.py.
+    """
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        while frame is not None and ident != me:
+            if frame.f_globals.get("__name__") in _COLLECTIVE_MODULES:
+                return True
+            frame = frame.f_back
+    return False
