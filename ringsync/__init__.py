@@ -7,9 +7,11 @@
 from .agreement import MismatchError
 from .collectives import (allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast,
                           broadcast_)
+from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
 from .join import join
 from .ops import Average, Max, Min, Sum
+from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,6 @@ __all__ = [
     "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
     "allreduce_fused_", "join", "MismatchError",
     "Sum", "Average", "Min", "Max",
+    "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
+    "SGD", "DistributedOptimizer", "broadcast_parameters",
 ]
