@@ -78,7 +78,8 @@ class Checker:
 
     def __init__(self, comm: MPI.Comm, enabled: bool, finite: bool) -> None:
         self.comm = comm
-        self.enabled = enabled and comm.Get_size() > 1   # benchmarks may flip this
+        # On with either check (a NaN found on one rank must reach them all); off on one rank.
+        self.enabled = (enabled or finite) and comm.Get_size() > 1   # benchmarks may flip it
         self.finite = finite                             # RINGSYNC_CHECK_FINITE
         self.calls = 0      # collective calls made on this rank: the call-order fingerprint
         self.tag = 0

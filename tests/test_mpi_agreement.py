@@ -75,6 +75,25 @@ def test_tensor_count_mismatch_in_a_fused_group(rs):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_grouped_allreduce_with_different_tensor_counts(rs):
+    arrays = [np.ones(4), np.ones(4)] if R == 0 else [np.ones(8)]
+    raises_everywhere(lambda: rs.grouped_allreduce_(arrays), rs.MismatchError,
+                      "tensor count differs: 2 on rank 0 vs 1 on rank")
+    assert_everywhere(all(np.array_equal(a, np.ones(a.shape)) for a in arrays))
+    same = [np.ones(3), np.ones((2, 2)) + R] if R == 0 else [np.ones(3), np.ones((2, 2)) + R]
+    rs.grouped_allreduce_(same)
+    assert_everywhere(np.array_equal(same[0], np.full(3, P)))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_flatbuffer_models_of_different_shapes(rs):
+    fb = rs.FlatBuffer([(2, 3), (6,)] if R == 0 else [(6,), (2, 3)])
+    raises_everywhere(lambda: rs.grouped_allreduce_(fb.views), rs.MismatchError,
+                      "tensor shapes in the group differs")
+    world_still_works(rs)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_fused_groups_that_agree_are_reduced(rs):
     flat = np.full(6, R + 1, dtype=np.float64)
     rs.allreduce_fused_(flat, "average", ((2,), (2, 2)), name="bucket0")
