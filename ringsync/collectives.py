@@ -117,7 +117,11 @@ def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], .
         flat = _check_inplace(flat, "flat")
         if flat.ndim != 1:
             raise ValueError(f"flat must be 1-D, got shape {flat.shape}")
-        layout = hash(tuple(tuple(int(d) for d in s) for s in shapes))
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        packed = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+        if packed != flat.size:
+            raise ValueError(f"shapes hold {packed} elements but flat has {flat.size}")
+        layout = hash(shapes)
         _check_name(name)
     except (TypeError, ValueError) as exc:
         _refuse(exc)
