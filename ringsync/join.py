@@ -18,7 +18,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .agreement import ALLGATHER, ALLREDUCE, BROADCAST, JOIN, Checker, record_call, record_shape
+from .agreement import (
+    ALLGATHER,
+    ALLREDUCE,
+    BROADCAST,
+    JOIN,
+    Checker,
+    record_call,
+    record_shape,
+)
 from .context import world
 
 
@@ -55,7 +63,10 @@ def _finish(checker: Checker, size: int) -> int:
 
 def _take_part(row: np.ndarray) -> None:
     """Do this rank's share of the call a record describes, contributing nothing."""
-    from .collectives import _allgather, _allreduce_flat_  # (collectives imports this module)
+    from .collectives import (  # (collectives imports this module)
+        _allgather,
+        _allreduce_flat_,
+    )
     from .tree import tree_broadcast_
 
     kind, op, dtype, root, count = record_call(row)

@@ -27,7 +27,8 @@ and then copied. So every rank ends with bitwise identical results, floats inclu
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI

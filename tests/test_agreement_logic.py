@@ -4,7 +4,14 @@ import pytest
 from mpi4py import MPI
 
 from ringsync import agreement
-from ringsync.agreement import ALLGATHER, ALLREDUCE, BROADCAST, JOIN, MismatchError, judge
+from ringsync.agreement import (
+    ALLGATHER,
+    ALLREDUCE,
+    BROADCAST,
+    JOIN,
+    MismatchError,
+    judge,
+)
 from ringsync.join import neutral
 
 
