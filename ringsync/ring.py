@@ -82,23 +82,21 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
     outgoing = chunks[r]
     for step in range(p - 1):
         mine = chunks[(r - step - 1) % p]
-        half = largest * (step % 2)         # scratch's two halves take turns (see below)
-        incoming = scratch[half:half + mine.size]
+        start = largest if step % 2 else 0       # scratch's two halves take turns (see below)
+        incoming = scratch[start:start + mine.size]
         if guard is None:
             comm.Sendrecv(outgoing, dest=right, recvbuf=incoming, source=left)
+            reduce(mine, incoming, out=mine)
+            outgoing = mine
         else:
             guard.sendrecv(comm, outgoing, right, incoming, left)
             if guard.bad:
                 continue        # keep stepping (every rank sends p-1 messages), reduce nothing
-        if guard is None or step == p - 2:
-            reduce(mine, incoming, out=mine)
-            outgoing = mine
-        else:
-            # Guarded: until all p-1 steps have agreed, partial sums stay in scratch, the
-            # one sent next step in one half while the other receives, so a refused call
-            # leaves buf as it was.
-            reduce(mine, incoming, out=incoming)
-            outgoing = incoming
+            # Guarded: until all p-1 steps have agreed, the partial sums stay in scratch (the
+            # one to send next in one half while the other receives), so a call the ranks
+            # disagree on leaves buf as it was. Only the last step writes into buf.
+            outgoing = mine if step == p - 2 else incoming
+            reduce(mine, incoming, out=outgoing)
         if observe:
             observe("reduce-scatter", step)
     if guard is not None and guard.bad:
