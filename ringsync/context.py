@@ -127,6 +127,8 @@ def _abort_on_uncaught(exc_type: type[BaseException], exc: BaseException,
                        tb: TracebackType | None, where: str = "") -> None:
     r, n = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     text = "".join(traceback.format_exception(exc_type, exc, tb))
+    if issubclass(exc_type, KeyboardInterrupt):   # Ctrl-C reaches every rank: no tracebacks
+        text = ""
     # One write, so the traceback appears once and whole even when ranks' output interleaves.
     sys.stderr.write(f"ringsync: uncaught exception on rank {r} of {n}{where}; "
                      f"aborting the job\n{text}")
