@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops
-from .collectives import _allreduce_flat_, _check_inplace
+from .collectives import _check_inplace, _reduce_
 from .config import env_int
 
 DEFAULT_FUSION_BYTES = 64 * 1024 * 1024
@@ -136,13 +136,15 @@ _buffers = _FusionBuffers()
 def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
     """One ring all-reduce for the whole bucket: in place if adjacent, else via the buffer."""
     span = bucket[0].reshape(-1) if len(bucket) == 1 else contiguous_span(bucket)
+    # The agreement check (agreement.py) also compares the bucket's tensor count and shapes.
+    group, layout = len(bucket), hash(tuple(a.shape for a in bucket))
     if span is not None:
-        _allreduce_flat_(span, op)
+        _reduce_(span, op, span.shape, None, group, layout)
         return
     total = sum(a.size for a in bucket)
     buf = _buffers.get(total, bucket[0].dtype)
     np.concatenate([a.reshape(-1) for a in bucket], out=buf)       # pack: one pass
-    _allreduce_flat_(buf, op)
+    _reduce_(buf, op, buf.shape, None, group, layout)
     offset = 0
     for a in bucket:                                  # unpack
         a.reshape(-1)[...] = buf[offset:offset + a.size]
@@ -163,8 +165,9 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     op = ops.resolve_op(op)
     threshold = fusion_threshold(fusion_bytes)
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
-        for span in arrays.owner.buckets(threshold):
-            _allreduce_flat_(span, op)
+        owner = arrays.owner                          # (ranks must agree on all its shapes)
+        for span in owner.buckets(threshold):
+            _reduce_(span, op, span.shape, None, len(owner.shapes), owner.layout)
         return list(arrays)
     arrays = [_check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
     plan = plan_buckets([a.nbytes for a in arrays], [a.dtype for a in arrays], threshold)
@@ -232,6 +235,7 @@ class FlatBuffer:
         self.views = FlatViews([self.flat[a:b].reshape(shape) for a, b, shape in
                                 zip(self.offsets, self.offsets[1:], self.shapes)], owner=self)
         self._buckets: dict[int, list] = {}
+        self.layout = hash(tuple(self.shapes))   # for the cross-rank agreement check
 
     def __len__(self) -> int:
         return len(self.views)

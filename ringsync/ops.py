@@ -39,7 +39,9 @@ def check_dtype(dtype: np.dtype, arg: str = "x") -> None:
     """Raise TypeError unless `dtype` is one ringsync can reduce."""
     if np.dtype(dtype) not in SUPPORTED_DTYPES:
         names = ", ".join(d.name for d in SUPPORTED_DTYPES)
-        raise TypeError(f"{arg} has unsupported dtype {np.dtype(dtype).name}; supported: {names}")
+        dt = np.dtype(dtype)
+        order = f" ({dt.str}: not this machine's byte order)" if not dt.isnative else ""
+        raise TypeError(f"{arg} has unsupported dtype {dt.name}{order}; supported: {names}")
 
 
 def finish_average_(buf: np.ndarray, nranks: int) -> None:

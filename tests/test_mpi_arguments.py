@@ -42,3 +42,21 @@ def test_root_out_of_range(rs):
 def test_world_facts(rs):
     assert rs.size() == MPI.COMM_WORLD.size and rs.rank() == MPI.COMM_WORLD.rank
     assert 0 <= rs.local_rank() < rs.local_size() <= rs.size()
+
+
+@pytest.mark.mpi
+def test_name_byte_order_and_fused_layout(rs):
+    with pytest.raises(TypeError, match="name must be a str or None, got int"):
+        rs.allreduce(np.ones(2), name=3)
+    with pytest.raises(TypeError, match="unsupported dtype float64 \\(>f8: not this machine's byte order\\)"):
+        rs.allreduce(np.ones(2, dtype=">f8"))
+    with pytest.raises(ValueError, match="shapes hold 5 elements but flat has 6"):
+        rs.allreduce_fused_(np.ones(6), "sum", ((2,), (3,)))
+    with pytest.raises(ValueError, match="flat must be 1-D"):
+        rs.allreduce_fused_(np.ones((2, 3)), "sum", ((6,),))
+    with pytest.raises(ValueError, match="root must be in"):
+        rs.broadcast_(np.ones(2), root=-1)
+    with pytest.raises(ValueError, match="x is read-only"):
+        ro = np.ones(2)
+        ro.flags.writeable = False
+        rs.broadcast_(ro)
