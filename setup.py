@@ -15,6 +15,9 @@ setup(
         "mpich": ["mpich"],
         "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "hypothesis>=6", "ruff"],
         "gpu": ["cupy"],
+        "plot": ["matplotlib>=3.6"],   # ringsync-report --plot
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "ringsync-report = ringsync.report:main",
+    ]},
 )

@@ -301,8 +301,8 @@ def start(mode: str | None = None, *, every: int | None = None, timeline: str | 
     for r, s in (stragglers or {}).items():
         if not 0 <= r < w.size or not s >= 0:
             raise ValueError(f"straggler rank must be in [0, {w.size}) with seconds >= 0, got {r}:{s}")
-    _rec = Recorder(mode, every, timeline or None) if mode != "off" else None
     delays = Delays(w.rank, stragglers, jitter, seed)
+    _rec = Recorder(mode, every, timeline or None) if mode != "off" else None
     _delays = delays if delays else None
 
 
