@@ -117,7 +117,9 @@ def write_json_atomically(path: str, obj: Any) -> None:
 
 def write_merged(path: str, spans: list[Span], straggler: dict[str, Any]) -> None:
     """Collective: merge every rank's spans on rank 0 and write the trace to `path` there."""
-    from .collectives import allgather   # late: collectives imports timing, which imports us
+    from .collectives import (
+        allgather,  # late: collectives imports timing, which imports us
+    )
     w = world()
     waits = straggler["wait_per_step_s"][w.rank]
     payload = np.frombuffer(json.dumps(step_spans(spans, waits)).encode(), dtype=np.uint8)

@@ -31,8 +31,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -242,7 +243,7 @@ class Recorder:
 
     def gather(self) -> None:
         """Share the pending rows among ranks (ringsync's allgather), then call gathered hooks."""
-        from .collectives import allgather    # late: collectives imports this module
+        from .collectives import allgather  # late: collectives imports this module
         w = world()
         mine = np.array(self.pending, dtype=np.float64).reshape(-1, 3)
         block = allgather(mine).reshape(w.size, -1, 3)
@@ -328,7 +329,7 @@ class span:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def __enter__(self) -> "span":
+    def __enter__(self) -> span:  # noqa: PYI034
         self.t0 = now()
         return self
 

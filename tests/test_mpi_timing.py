@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from mpitools import assert_everywhere
 
 COMM = MPI.COMM_WORLD
@@ -61,7 +60,8 @@ def test_timeline_has_one_track_per_rank(rs, tmp_path_factory):
     rs.timing.finish()
     ok, why = True, ""
     if COMM.rank == 0:
-        events = json.load(open(path))["traceEvents"]
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
         spans = [e for e in events if e["ph"] == "X"]
         tracks = {e["tid"] for e in spans}
         names = {e["name"] for e in spans}
