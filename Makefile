@@ -21,7 +21,7 @@ all: test
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(filter pypi,$(MPI)),$(PY) -m pip install -q mpich)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,plot]'
 	touch $@
 
 test: test-serial test-mpi

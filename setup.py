@@ -9,12 +9,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ringsync", "ringsync.*"]),
-    install_requires=["numpy>=1.24", "mpi4py>=4"],
+    install_requires=["numpy>=1.24", "mpi4py>=4", "scikit-learn>=1.2", "tqdm>=4.60"],
     extras_require={
         # the MPI library itself, from PyPI; leave it out to use a system MPI
         "mpich": ["mpich"],
         "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "hypothesis>=6", "ruff"],
         "gpu": ["cupy"],
+        "plot": ["matplotlib>=3.6"],   # ringsync-report --plot
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "ringsync-train = ringsync.train:main",
+        "ringsync-report = ringsync.report:main",
+    ]},
 )

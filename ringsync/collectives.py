@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from . import ops, timing
 from .context import world
 from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
 from .ring_fast import choose, pipelined_ring_allreduce_, tuning
@@ -41,6 +41,7 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
+@timing.probe   # times the call inside a training step; nothing below here knows about timing
 def _allreduce_flat_(flat: np.ndarray, op: str) -> None:
     """All-reduce a contiguous 1-D buffer, then the average's division if asked.
 
