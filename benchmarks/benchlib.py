@@ -236,3 +236,53 @@ def save_plot(path: str, draw: Callable[[Any], None]) -> None:
         raise
     finally:
         plt.close(fig)
+
+
+# --- launching ringsync-train from a benchmark (scaling, straggler) -------------------------
+
+def default_mpiexec() -> str:
+    """The mpiexec beside this Python (the venv's, from the mpich wheel), else the one on PATH."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else (shutil.which("mpiexec") or "mpiexec")
+
+
+def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) -> dict[str, Any]:
+    """Run `ringsync-train` (as python -m ringsync.train) on `nranks` ranks; return its JSON report.
+
+    Raises RuntimeError with the job's last error line if it fails or runs past `timeout`.
+    """
+    import shlex
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.json")
+        cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, "-m", "ringsync.train",
+                                      *train_args, "--quiet", "--report", report]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # One BLAS thread per rank (unless the caller says otherwise): K ranks then use K cores,
+        # and a rank's spare BLAS threads cannot starve a neighbour busy-polling in MPI.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{nranks}-rank training ran past {timeout:.0f} s") from None
+        if done.returncode != 0 or not os.path.exists(report):
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{nranks}-rank training failed (exit {done.returncode}): {last}")
+        with open(report, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def train_supports(flag: str) -> bool:
+    """Whether this ringsync-train has `flag` (features arrive on other branches)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "ringsync.train", "--help"], capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    return flag in done.stdout
