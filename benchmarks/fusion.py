@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None):
         total = args.tensors * args.size
         if args.thresholds is None:
             args.thresholds = bl.size_list(args.size, total, 4)
+            if args.thresholds[-1] != total:
+                args.thresholds.append(total)  # always end with everything in one bucket
         else:
             try:
                 args.thresholds = [bl.parse_size(t) for t in args.thresholds.split(",") if t.strip()]
