@@ -14,7 +14,7 @@ RANKS      ?= 1 2 3 4
 MPI_TIMEOUT ?= 300
 TEST_TIMEOUT ?= 120
 
-.PHONY: all test test-serial test-mpi demo demo-ring lint clean bench
+.PHONY: all test test-serial test-mpi demo demo-ring lint clean bench straggler
 
 all: test
 
@@ -66,6 +66,14 @@ bench: $(VENV)/.bench
 	  --steps 40 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/straggler.json \
 	  --csv $(BENCH_OUT)/straggler.csv --plot $(BENCH_OUT)/straggler.png > $(BENCH_OUT)/straggler.txt; \
 	  s=$$?; cat $(BENCH_OUT)/straggler.txt; exit $$s
+
+# A straggler experiment end to end: rank 2 sleeps 50 ms per step; the report prices it.
+straggler: $(VENV)/.installed
+	mkdir -p build/straggler
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n 4 $(VENV)/bin/ringsync-train --epochs 2 \
+	  --straggler 2:0.05 --report build/straggler/report.json --timeline build/straggler/trace.json
+	$(VENV)/bin/ringsync-report build/straggler/report.json --plot build/straggler/straggler.png
+	@echo "timeline: build/straggler/trace.json (open in https://ui.perfetto.dev)"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ringsync tests benchmarks examples

@@ -74,7 +74,8 @@ def plot(doc: dict[str, Any], out: str) -> None:
     bars.set(xlabel="rank", ylabel="seconds (run total)",
              title=f"slowest rank {st['slowest_rank']}: cost {st['cost_s']:.2f} rank-s "
                    f"({100 * st['cost_fraction']:.0f}%)")
-    bars.legend()
+    bars.set_ylim(0, 1.2 * max(bottom + [1e-9]))      # headroom for the legend
+    bars.legend(loc="upper center", ncol=3, fontsize="small")
     for r, row in enumerate(waits):
         lines.plot([1e3 * w for w in row], label=f"rank {r}", lw=1)
     lines.set(xlabel="step", ylabel="wait (ms)", title="wait per step")

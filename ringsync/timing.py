@@ -28,6 +28,7 @@ The per-step durations are exchanged with ringsync's own allgather every `every`
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import time
@@ -301,10 +302,42 @@ def start(mode: str | None = None, *, every: int | None = None, timeline: str | 
     w = world()
     for r, s in (stragglers or {}).items():
         if not 0 <= r < w.size or not s >= 0:
-            raise ValueError(f"straggler rank must be in [0, {w.size}) with seconds >= 0, got {r}:{s}")
+            raise ValueError(f"straggler {r}:{s}: rank must be in [0, {w.size}) and seconds >= 0")
     delays = Delays(w.rank, stragglers, jitter, seed)
     _rec = Recorder(mode, every, timeline or None) if mode != "off" else None
     _delays = delays if delays else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trainer's flags: --timing, --straggler RANK:SECONDS (repeatable), --jitter, --timeline."""
+    def checked(parse: Callable) -> Callable:
+        def check(text: str) -> Any:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return check
+    g = parser.add_argument_group("timing and straggler experiments")
+    g.add_argument("--timing", choices=MODES, default=None,
+                   help=f"how waits are measured (default RINGSYNC_TIMING or {DEFAULT_MODE})")
+    g.add_argument("--straggler", action="append", default=[], metavar="RANK:SECONDS",
+                   type=checked(parse_straggler), help="add SECONDS to every step of RANK (repeatable)")
+    g.add_argument("--jitter", metavar="DIST", type=checked(lambda t: parse_jitter(t) and t),
+                   help="random delay per step on every rank: exp:MEAN or uniform:MAX (seconds)")
+    g.add_argument("--timeline", metavar="PATH.json", default=None,
+                   help="write a Chrome/Perfetto trace, one track per rank (default RINGSYNC_TIMELINE)")
+
+
+def start_from_args(args: argparse.Namespace, fail: Callable[[str], Any]) -> None:
+    """start() from the flags add_arguments() defined; a bad setting goes to fail(message)."""
+    stragglers: dict[int, float] = {}
+    for rank, seconds in args.straggler:        # the same rank twice: the delays add up
+        stragglers[rank] = stragglers.get(rank, 0.0) + seconds
+    try:
+        start(args.timing, timeline=args.timeline, stragglers=stragglers, jitter=args.jitter,
+              seed=getattr(args, "seed", 0))
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def begin_step() -> None:
@@ -321,6 +354,13 @@ def end_step() -> None:
         _rec.end_step()
 
 
+def mark(name: str, t0: float) -> None:
+    """Record a span `name` from `t0` (a timing.now() reading) to now, for the timeline."""
+    rec = _rec
+    if rec is not None and rec.timeline and rec.start_t is not None:
+        rec.spans.append((name, t0, now(), rec.step))
+
+
 class span:
     """`with timing.span("pack"):` marks a phase inside a step for the timeline (counted as compute)."""
 
@@ -334,9 +374,7 @@ class span:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        rec = _rec
-        if rec is not None and rec.timeline and rec.start_t is not None:
-            rec.spans.append((self.name, self.t0, now(), rec.step))
+        mark(self.name, self.t0)
 
 
 def probe(fn: Callable) -> Callable:
