@@ -6,8 +6,8 @@ segments small enough that a chunk travels in many pieces, and the same bits on 
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from mpitools import assert_everywhere, same_bits_everywhere
+
 from ringsync import ops
 from ringsync.ring import ring_allreduce_
 from ringsync.ring_fast import choose, pipelined_ring_allreduce_, ring_plan, tuning
