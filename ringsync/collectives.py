@@ -81,7 +81,8 @@ def allreduce(x: object, op: str = ops.Sum) -> np.ndarray:
 def allreduce_(x: np.ndarray, op: str = ops.Sum) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
     op = ops.resolve_op(op)
-    _allreduce_flat_(_check_inplace(x, "x").reshape(-1), op)
+    x = _check_inplace(x, "x")
+    _allreduce_flat_(x if x.ndim == 1 else x.reshape(-1), op)   # reshape costs ~0.1 us; skip it
     return x
 
 
