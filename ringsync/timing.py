@@ -388,10 +388,13 @@ def probe(fn: Callable) -> Callable:
     return probed
 
 
-def on_step(fn: Callable, gathered: bool = False) -> Callable:
+def on_step(fn: Callable | None = None, *, gathered: bool = False) -> Callable:
     """Register fn(record) to run after each step on each rank with its local StepRecord, or,
     with gathered=True, fn(records) on rank 0 with every rank's record of a step once they have
-    been exchanged (every `every` steps, and at finish). Returns fn, so it works as a decorator."""
+    been exchanged (every `every` steps, and at finish). Works as a decorator, with or without
+    arguments: @on_step, @on_step(gathered=True)."""
+    if fn is None:
+        return functools.partial(on_step, gathered=gathered)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     (_gathered_hooks if gathered else _local_hooks).append(fn)

@@ -47,3 +47,10 @@ def test_bad_injection_flags_exit_2_with_one_line(flag):
     result = run_mpi(2, ["-m", "ringsync.train", "--quiet", "--max-steps", "1", *flag], timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "ringsync-train: error:" in result.stderr, result.stderr
+
+
+def test_hooks_example_names_the_highest_rank():
+    result = run_mpi(4, ["examples/timing_hooks.py"], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("everybody waited for rank 3") == 10
+    assert "slowest rank: 3" in result.stdout
