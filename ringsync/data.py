@@ -16,6 +16,7 @@ different samples there), so no rank can ever wait on a batch another rank does 
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def load_npz_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--data {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"--data {path}: not a readable .npz file (truncated or another format)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files]

@@ -88,6 +88,12 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     """A 1-D view covering `arrays` when they lie back to back in one array's memory, else None."""
     if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
         return None
+    if len({a.dtype for a in arrays}) != 1:
+        return None
+    filled = [a for a in arrays if a.size]       # empty arrays take no memory (and may point anywhere)
+    if not filled:
+        return arrays[0].reshape(-1)
+    arrays = filled
     first = arrays[0]
     root = _root(first)
     if root.dtype != first.dtype or not root.flags.c_contiguous or not root.flags.writeable:
@@ -151,7 +157,9 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     """All-reduce every array in `arrays` in place, fused into few ring all-reduces; return them.
 
     Each array must be a writeable C-contiguous NumPy array; they may differ in dtype and shape.
-    The result equals calling allreduce_ on each, bit for bit on every rank.
+    The result equals calling allreduce_ on each (exactly for integers, min and max; up to float
+    rounding for sums, whose order depends on where an element sits in the ring's chunks) and
+    is bitwise identical on every rank.
     """
     if not isinstance(arrays, (list, tuple)):
         raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
