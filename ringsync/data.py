@@ -49,7 +49,7 @@ class Dataset:
 def split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float = TEST_FRACTION) -> Dataset:
     """Shuffle once with a fixed seed and hold out `test_fraction` of the samples for testing."""
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
-    n_test = max(1, int(round(len(x) * test_fraction)))
+    n_test = max(1, round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     classes = int(y.max()) + 1
     return Dataset(name, x[train], y[train], x[test], y[test], classes)

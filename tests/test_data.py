@@ -2,8 +2,15 @@
 import numpy as np
 import pytest
 
-from ringsync.data import (DataError, epoch_permutation, load_digits_dataset, load_npz_dataset,
-                           shard_indices, steps_per_epoch, synthetic_dataset)
+from ringsync.data import (
+    DataError,
+    epoch_permutation,
+    load_digits_dataset,
+    load_npz_dataset,
+    shard_indices,
+    steps_per_epoch,
+    synthetic_dataset,
+)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])

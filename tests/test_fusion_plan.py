@@ -72,3 +72,12 @@ def test_threshold_argument_and_environment(monkeypatch):
         fusion_threshold(-5)
     with pytest.raises(TypeError, match="fusion_bytes"):
         fusion_threshold(1.5)
+
+
+def test_flat_buffer_buckets_follow_the_plan():
+    fb = FlatBuffer([(2,), (2,), (4,), (1,)], np.float32)        # 8, 8, 16, 4 bytes
+    assert [b.size for b in fb.buckets(16)] == [4, 4, 1]
+    assert [b.size for b in fb.buckets(0)] == [2, 2, 4, 1]
+    assert [b.size for b in fb.buckets(1 << 20)] == [9]
+    assert all(np.shares_memory(b, fb.flat) for b in fb.buckets(16))
+    assert isinstance(fb.views, tuple) and fb.views.owner is fb

@@ -7,7 +7,6 @@ chunks. Across ranks the results are always bitwise identical.
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from mpitools import assert_everywhere, same_bits_everywhere
 
 COMM = MPI.COMM_WORLD
@@ -60,12 +59,15 @@ def test_grouped_equals_one_by_one(rs, threshold, op):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("as_list", [False, True])     # FlatViews fast path / adjacency check
 @pytest.mark.parametrize("threshold", [0, 24, 1 << 20])
-def test_flat_buffer_views_are_reduced_in_place(rs, threshold):
-    fb = rs.FlatBuffer([(3, 4), (5,), (2, 2)], np.float64)
-    fb.flat[...] = np.arange(fb.flat.size) * (COMM.rank + 1)
+def test_flat_buffer_views_are_reduced_in_place(rs, threshold, as_list):
+    fb = rs.FlatBuffer([(3, 4), (5,), (0,), (2, 2)], np.float64)
+    fb.flat[...] = np.random.default_rng([1, COMM.rank]).standard_normal(fb.flat.size)
     expected = rs.allreduce(fb.flat, op="sum")
-    rs.grouped_allreduce_(fb.views, op="sum", fusion_bytes=threshold)
+    views = list(fb.views) if as_list else fb.views
+    returned = rs.grouped_allreduce_(views, op="sum", fusion_bytes=threshold)
+    assert_everywhere(all(r is v for r, v in zip(returned, fb.views)), "must return the views")
     assert_everywhere(close(fb.flat, expected, "sum"), f"FlatBuffer views, threshold {threshold}")
     assert_everywhere(same_bits_everywhere(fb.flat), "ranks disagree")
 

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from mpitools import ROOT, run_mpi
 
 TRAIN = ["-m", "ringsync.train", "--quiet"]
@@ -35,7 +34,7 @@ def rel_err(a, b):
 
 def test_p_ranks_with_batch_b_equal_one_rank_with_batch_pb(tmp_path):
     steps = ["--max-steps", "40", "--seed", "3"]
-    ref, ref_report = train(1, tmp_path, "p1", "--batch-size", "64", *steps)
+    ref, _ = train(1, tmp_path, "p1", "--batch-size", "64", *steps)
     for p in (2, 4):
         got, report = train(p, tmp_path, f"p{p}", "--batch-size", str(64 // p), *steps)
         assert report["world_size"] == p and report["global_batch"] == 64 and report["steps"] == 40
@@ -84,7 +83,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "ringsync.train", "--quiet", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ringsync.train", "--quiet", *args], cwd=ROOT, check=False,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -142,3 +141,11 @@ def test_own_data_file_trains(tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads(report.read_text())
     assert got["dataset"] == "mine" and got["test_accuracy"] > 0.85
+
+
+def test_horovod_style_example_runs():
+    result = run_mpi(2, ["examples/train_mlp.py"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model identical on every rank: True" in result.stdout
+    accuracy = float(result.stdout.split("accuracy ")[-1].split(";")[0])
+    assert accuracy > 0.95
