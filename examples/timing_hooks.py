@@ -1,6 +1,6 @@
 """Timing hooks in your own training loop:  mpiexec -n 4 python examples/timing_hooks.py
 
-Rank r "computes" for 2 + 3r ms per step, so the highest rank is the straggler. Three calls
+Rank r "computes" for 2 + 8r ms per step, so the highest rank is the straggler. Three calls
 time the loop: begin_step and end_step around each step (the all-reduce inside is timed by
 itself), and finish at the end. A hook registered with gathered=True receives every rank's
 record of a step on rank 0, waits included, every `every` steps: feed it to your own logger.
@@ -35,7 +35,7 @@ def wait_line(records: list) -> None:
 timing.start("barrier", every=5)
 for step in range(10):
     timing.begin_step()
-    time.sleep((2 + 3 * rs.rank()) / 1e3)     # stand-in for forward and backward
+    time.sleep((2 + 8 * rs.rank()) / 1e3)     # stand-in for forward and backward
     rs.allreduce_(grad, op=rs.Average)
     timing.end_step()
 report = timing.finish()
