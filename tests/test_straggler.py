@@ -7,13 +7,13 @@ from mpitools import run_mpi
 DELAY, STEPS = 0.05, 10
 
 
-@pytest.fixture(scope="module")
-def straggler_run(tmp_path_factory):
-    """One 4-rank run with rank 2 sleeping 50 ms per step; its report and timeline."""
+@pytest.fixture(scope="module", params=["passive", "barrier"])
+def straggler_run(request, tmp_path_factory):
+    """One 4-rank run per timing mode with rank 2 sleeping 50 ms per step; report and timeline."""
     folder = tmp_path_factory.mktemp("straggler")
     report, trace = folder / "report.json", folder / "trace.json"
     result = run_mpi(4, ["-m", "ringsync.train", "--quiet", "--max-steps", str(STEPS),
-                         "--straggler", f"2:{DELAY}", "--timing", "barrier",
+                         "--straggler", f"2:{DELAY}", "--timing", request.param,
                          "--report", str(report), "--timeline", str(trace)], timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(report.read_text()), json.loads(trace.read_text())
@@ -31,6 +31,7 @@ def test_the_straggler_is_named_and_everyone_else_waits_for_it(straggler_run):
     assert ranks[2]["compute_s"] / STEPS > DELAY           # the sleep counts as its compute
     assert st["cost_s"] == pytest.approx(sum(r["wait_s"] for r in ranks), rel=1e-9)
     assert 0 < st["cost_fraction"] < 1
+    assert st["mode"] in ("passive", "barrier") and st["steps"] == STEPS
 
 
 def test_the_timeline_loads_with_one_track_per_rank(straggler_run):
