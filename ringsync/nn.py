@@ -9,11 +9,11 @@ Shapes: a batch x is (n, features); a Linear layer holds W (in, out) and b (out,
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from .fusion import FlatBuffer
+from .fusion import FlatBuffer, FlatViews
 
 
 class Params:
@@ -40,13 +40,13 @@ class Params:
         """All gradients as one flat array (views in `grad` share its memory)."""
         return self._grads.flat
 
-    def grads(self) -> list:
-        """The gradient views, in order: back to back in memory."""
-        return [self.grad[n] for n in self.names]
+    def grads(self) -> FlatViews:
+        """The gradient views, in order: back to back in memory (fusion reduces them with no copy)."""
+        return self._grads.views
 
-    def values(self) -> list:
+    def values(self) -> FlatViews:
         """The parameter views, in order: back to back in memory."""
-        return [self.value[n] for n in self.names]
+        return self._values.views
 
 
 class Linear:
@@ -62,11 +62,14 @@ class Linear:
         self.x = x                        # kept for the backward pass
         return x @ self.W + self.b
 
-    def backward(self, dy):
-        """Given dL/dy, write dL/dW and dL/db into the gradient buffer and return dL/dx."""
+    def backward(self, dy, input_grad: bool = True):
+        """Given dL/dy, write dL/dW and dL/db into the gradient buffer and return dL/dx.
+
+        The first layer's dL/dx (a gradient for the data) is never needed: input_grad=False skips it.
+        """
         self.dW[...] = self.x.T @ dy
         self.db[...] = dy.sum(axis=0)
-        return dy @ self.W.T
+        return dy @ self.W.T if input_grad else None
 
 
 class ReLU:
@@ -135,8 +138,9 @@ class MLP:
 
     def backward(self, dlogits) -> None:
         """Fill params.grad from dL/dlogits (after a forward on the same batch)."""
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[1:]):
             dlogits = layer.backward(dlogits)
+        self.layers[0].backward(dlogits, input_grad=False)
 
     def loss_and_grad(self, x, labels) -> tuple[float, float]:
         """Forward and backward on one batch: fills the gradients, returns (loss, accuracy)."""

@@ -19,16 +19,26 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 import numpy as np
 
 import ringsync as rs
+
 from . import timing
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import (DataError, Dataset, epoch_permutation, load_digits_dataset, load_npz_dataset,
-                   shard_indices, steps_per_epoch, synthetic_dataset)
+from .data import (
+    DataError,
+    Dataset,
+    epoch_permutation,
+    load_digits_dataset,
+    load_npz_dataset,
+    shard_indices,
+    steps_per_epoch,
+    synthetic_dataset,
+)
 from .nn import MLP
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
@@ -382,7 +392,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     samples = trainer.steps_run * trainer.global_batch
     report = {
         "world_size": rs.size(), "steps": trainer.step, "steps_this_run": trainer.steps_run,
-        "epochs": trainer.step / trainer.steps_per_epoch, "steps_per_epoch": trainer.steps_per_epoch,
+        "epochs": round(trainer.step / trainer.steps_per_epoch, 4), "steps_per_epoch": trainer.steps_per_epoch,
         "global_batch": trainer.global_batch, "batch_size": args.batch_size,
         "dataset": data.name, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
         "model": trainer.sizes, "dtype": args.dtype, "lr": args.lr, "momentum": args.momentum,
