@@ -4,9 +4,12 @@
     rs.init()
     total = rs.allreduce(np.ones(4), op=rs.Sum)   # every rank gets [p, p, p, p]
 """
-from .collectives import allgather, allreduce, allreduce_, barrier, broadcast, broadcast_
+from .agreement import MismatchError
+from .collectives import (allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast,
+                          broadcast_)
 from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
+from .join import join
 from .ops import Average, Max, Min, Sum
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
@@ -15,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
+    "allreduce_fused_", "join", "MismatchError",
     "Sum", "Average", "Min", "Max",
     "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
     "SGD", "DistributedOptimizer", "broadcast_parameters",
