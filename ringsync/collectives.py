@@ -54,15 +54,15 @@ def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
     """All-reduce a contiguous 1-D buffer, then the average's division if asked.
 
     The algorithm goes by size (ring_fast.choose; README: RINGSYNC_ALLREDUCE and friends):
-    recursive doubling for small buffers (fewest messages), the pipelined ring for the rest
-    (least traffic), or the teaching ring of ring.py when asked. All give the same bits on all ranks.
+    recursive doubling for small buffers (fewest messages), ring.py's ring for the rest (least
+    traffic), pipelined in segments for large ones. All give the same bits on all ranks.
     `guard` checks cross-rank agreement on the way (agreement.py); `contributors` is the
     number of ranks whose data counts for an average (join.py), all of them by default.
     """
     w = world()
     if w.size > 1 and flat.size:
         settings = tuning()
-        algorithm, reduce = choose(flat.nbytes, settings), ops.OPS[op]
+        algorithm, reduce = choose(flat.nbytes, w.size, settings), ops.OPS[op]
         if algorithm == "doubling":
             recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(flat.size, flat.dtype), guard)
         elif algorithm == "pipelined":

@@ -70,9 +70,10 @@ def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
     for step in range(p - 1):
         send_segments = segment_slices[(r - step) % p]
         mine_segments = segment_slices[(r - step - 1) % p]
-        sends = [comm.Isend(buf[s], dest=right) for s in send_segments]
         # Receive segment i into slot i % 2; post the next receive before reducing this one.
+        # (Receives go first, so the left neighbour's data finds them waiting.)
         pending = comm.Irecv(slots[0][:mine_segments[0].stop - mine_segments[0].start], source=left)
+        sends = [comm.Isend(buf[s], dest=right) for s in send_segments]
         for i, seg in enumerate(mine_segments):
             incoming = slots[i % 2][:seg.stop - seg.start]
             arrived = pending
@@ -114,8 +115,15 @@ def tuning() -> Tuning:
     )
 
 
-def choose(nbytes: int, settings: Tuning) -> str:
-    """The algorithm for an all-reduce of `nbytes` bytes: 'doubling', 'pipelined' or 'ring'."""
+def choose(nbytes: int, p: int, settings: Tuning) -> str:
+    """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'pipelined' or 'ring'.
+
+    Small buffers: recursive doubling (fewest messages). Otherwise the ring (least traffic),
+    pipelined only when a chunk spans several segments: below that, segments add messages
+    and save nothing, as a one-segment chunk fits in the cache anyway.
+    """
     if settings.algorithm != "auto":
         return settings.algorithm
-    return "doubling" if nbytes <= settings.small_bytes else "pipelined"
+    if nbytes <= settings.small_bytes:
+        return "doubling"
+    return "pipelined" if nbytes > p * settings.segment_bytes else "ring"

@@ -105,10 +105,14 @@ def test_front_door_honours_the_algorithm_setting(rs, monkeypatch, algorithm):
 
 
 def test_choice_by_size_and_override():
-    settings = tuning()._replace(algorithm="auto", small_bytes=100)
-    assert choose(100, settings) == "doubling"
-    assert choose(101, settings) == "pipelined"
-    assert choose(10, settings._replace(algorithm="ring")) == "ring"
+    settings = tuning()._replace(algorithm="auto", small_bytes=100, segment_bytes=1000)
+    assert choose(100, 2, settings) == "doubling"
+    assert choose(101, 2, settings) == "ring"          # a chunk fits in one segment
+    assert choose(2000, 2, settings) == "ring"
+    assert choose(2001, 2, settings) == "pipelined"    # chunks span several segments
+    assert choose(3000, 3, settings) == "ring"
+    assert choose(10, 2, settings._replace(algorithm="ring")) == "ring"
+    assert choose(10**9, 2, settings._replace(algorithm="doubling")) == "doubling"
 
 
 def test_bad_setting_names_the_variable(monkeypatch):
