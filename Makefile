@@ -62,7 +62,7 @@ bench: $(VENV)/.bench
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
 	  -N 256 -S 16K -r 7 --json $(BENCH_OUT)/fusion.json --csv $(BENCH_OUT)/fusion.csv \
 	  --plot $(BENCH_OUT)/fusion.png > $(BENCH_OUT)/fusion.txt; s=$$?; cat $(BENCH_OUT)/fusion.txt; exit $$s
-	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 100 --rounds 3 \
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 60 --rounds 3 \
 	  --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/scaling.json --csv $(BENCH_OUT)/scaling.csv \
 	  --plot $(BENCH_OUT)/scaling.png > $(BENCH_OUT)/scaling.txt; s=$$?; cat $(BENCH_OUT)/scaling.txt; exit $$s
 	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \

@@ -1,6 +1,6 @@
 """Weak scaling of the trainer: samples/s on 1, 2 and 4 ranks with a fixed per-rank batch.
 
-    python benchmarks/scaling.py --ranks 1,2,4 --batch-size 64 --steps 200 --json out.json --plot out.png
+    python benchmarks/scaling.py --ranks 1,2,4 --batch-size 256 --steps 60 --json out.json --plot out.png
 
 Run it directly (not under mpiexec): it launches `mpiexec -n K python -m ringsync.train`
 for each K, round-robin over K for --rounds rounds (drift hits every K alike), and reads
@@ -23,10 +23,10 @@ import benchlib as bl
 def parse_args(argv: list[str] | None = None):
     ap = bl.Parser(prog="scaling.py", description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="1,2,4", help="rank counts, comma-separated (1,2,4)")
-    ap.add_argument("--batch-size", type=bl.positive_int, default=64, help="samples per rank per step (64)")
-    ap.add_argument("--steps", type=bl.positive_int, default=200, help="training steps per run (200)")
+    ap.add_argument("--batch-size", type=bl.positive_int, default=256, help="samples per rank per step (256)")
+    ap.add_argument("--steps", type=bl.positive_int, default=60, help="training steps per run (60)")
     ap.add_argument("--rounds", type=bl.positive_int, default=3, help="interleaved rounds; median over them (3)")
-    ap.add_argument("--hidden", default="256,256", help="MLP hidden widths (256,256)")
+    ap.add_argument("--hidden", default="512,512", help="MLP hidden widths (512,512)")
     ap.add_argument("--features", type=bl.positive_int, default=256, help="synthetic features (256)")
     ap.add_argument("--mpiexec", default=bl.default_mpiexec(), help="launcher command (the venv's mpiexec)")
     ap.add_argument("--timeout", type=bl.positive_int, default=300, help="seconds per training run (300)")
