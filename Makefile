@@ -57,16 +57,20 @@ bench: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/describe_machine.py $(BENCH_OUT)/MACHINE.md
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
-	  -b 4K -e 64M -f 4 -n 5 -w 2 -r 7 --max-seconds 3 --json $(BENCH_OUT)/allreduce.json --csv $(BENCH_OUT)/allreduce.csv \
+	  -b 4K -e 64M -f 4 -n 50 -w 5 -r 9 --max-seconds 2 --json $(BENCH_OUT)/allreduce.json --csv $(BENCH_OUT)/allreduce.csv \
 	  --plot $(BENCH_OUT)/allreduce.png > $(BENCH_OUT)/allreduce.txt; s=$$?; cat $(BENCH_OUT)/allreduce.txt; exit $$s
+	# 4 KB latency on its own: many calls per round, and no gloo threads in the processes
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
+	  -b 4K -e 4K -n 300 -w 50 -r 15 --impls ringsync,teaching,mpi,ceiling --json $(BENCH_OUT)/latency.json \
+	  > $(BENCH_OUT)/latency.txt; s=$$?; cat $(BENCH_OUT)/latency.txt; exit $$s
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
-	  -N 256 -S 16K -r 7 --json $(BENCH_OUT)/fusion.json --csv $(BENCH_OUT)/fusion.csv \
+	  -N 256 -S 16K -r 9 --json $(BENCH_OUT)/fusion.json --csv $(BENCH_OUT)/fusion.csv \
 	  --plot $(BENCH_OUT)/fusion.png > $(BENCH_OUT)/fusion.txt; s=$$?; cat $(BENCH_OUT)/fusion.txt; exit $$s
 	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 60 --rounds 3 \
 	  --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/scaling.json --csv $(BENCH_OUT)/scaling.csv \
 	  --plot $(BENCH_OUT)/scaling.png > $(BENCH_OUT)/scaling.txt; s=$$?; cat $(BENCH_OUT)/scaling.txt; exit $$s
 	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \
-	  --steps 40 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/straggler.json \
+	  --steps 40 --rounds 2 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/straggler.json \
 	  --csv $(BENCH_OUT)/straggler.csv --plot $(BENCH_OUT)/straggler.png > $(BENCH_OUT)/straggler.txt; \
 	  s=$$?; cat $(BENCH_OUT)/straggler.txt; exit $$s
 
