@@ -11,7 +11,7 @@ import numpy as np
 from . import join, ops, timing
 from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
-from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .ring import ring_allgather_, ring_allreduce_
 from .ring_fast import choose, pipelined_ring_allreduce_, tuning
 from .small import recursive_doubling_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
@@ -65,15 +65,15 @@ def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
         algorithm, reduce = choose(flat.nbytes, w.size, settings), ops.OPS[op]
         if algorithm == "doubling":
             recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(flat.size, flat.dtype), guard)
-        elif algorithm == "pipelined":
-            largest_chunk = -(-flat.size // w.size)
-            segment = max(1, settings.segment_bytes // flat.itemsize)
-            pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(2 * min(segment, largest_chunk),
-                                                                      flat.dtype), segment, guard)
         else:
-            largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
-            ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(2 * largest_chunk, flat.dtype),
-                            guard=guard)
+            largest_chunk = -(-flat.size // w.size)     # chunk 0, ceil(n / p) elements
+            if algorithm == "pipelined":
+                segment = max(1, settings.segment_bytes // flat.itemsize)
+                pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(
+                    2 * min(segment, largest_chunk), flat.dtype), segment, guard)
+            else:
+                ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(2 * largest_chunk, flat.dtype),
+                                guard=guard)
     elif guard is not None:
         guard.agree(w.comm)         # no data, but the ranks must still agree
     if guard is not None and guard.bad:
