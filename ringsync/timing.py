@@ -248,6 +248,10 @@ class Recorder:
         from .collectives import allgather  # late: collectives imports this module
         w = world()
         mine = np.array(self.pending, dtype=np.float64).reshape(-1, 3)
+        counts = allgather(np.array([len(mine)], dtype=np.int64))
+        if (counts != counts[0]).any():        # every rank sees this, so every rank raises
+            raise RuntimeError(f"timing: ranks recorded different numbers of steps {counts.tolist()}; "
+                               "begin_step/end_step must run equally often on every rank")
         block = allgather(mine).reshape(w.size, -1, 3)
         self.pending.clear()
         if not block.shape[1]:

@@ -94,3 +94,17 @@ def test_bad_arguments_raise_on_every_rank(rs):
         except ValueError:
             raised = True
         assert_everywhere(raised, f"start({kwargs}) did not raise")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_unequal_step_counts_raise_on_every_rank(rs):
+    rs.timing.start("passive", every=0)
+    for _ in range(1 + (COMM.rank == 1)):    # rank 1 records one step more
+        rs.timing.begin_step()
+        rs.timing.end_step()
+    try:
+        rs.timing.finish()
+        raised = ""
+    except RuntimeError as exc:
+        raised = str(exc)
+    assert_everywhere("different numbers of steps" in raised, raised)
