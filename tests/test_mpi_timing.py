@@ -108,3 +108,14 @@ def test_unequal_step_counts_raise_on_every_rank(rs):
     except RuntimeError as exc:
         raised = str(exc)
     assert_everywhere("different numbers of steps" in raised, raised)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_ranks_that_disagree_on_the_mode_raise_everywhere(rs):
+    try:
+        rs.timing.start("barrier" if COMM.rank == 1 else "passive")   # would deadlock later
+        raised = ""
+        rs.timing.finish()
+    except ValueError as exc:
+        raised = str(exc)
+    assert_everywhere("disagree" in raised, raised)
