@@ -67,3 +67,7 @@ def test_timing_benchmarks_run(tmp_path):
     result = run_mpi(2, ["benchmarks/timing_accuracy.py", "--steps", "4", "--delay", "0.001"], timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "barrier: 2 ranks" in result.stdout and "passive: 2 ranks" in result.stdout
+    result = run_mpi(2, ["benchmarks/straggler.py", "--steps", "3", "--delays", "0,0.02",
+                         "--jitters", "exp:0.001"], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "straggler 1:0.02" in result.stdout and "jitter exp:0.001" in result.stdout
