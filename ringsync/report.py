@@ -1,6 +1,6 @@
 """`ringsync-report PATH.json [--plot out.png]`: print a run's straggler report, and plot it.
 
-Reads the report JSON that `ringsync-train --json` writes (per-rank compute_s, wait_s,
+Reads the report JSON that `ringsync-train --report PATH.json` writes (per-rank compute_s, wait_s,
 allreduce_s, steps_slowest, and the `straggler` block). The plot needs matplotlib:
 `pip install 'ringsync[plot]'`. Bad input exits with status 2 and a one-line reason.
 """
@@ -96,8 +96,9 @@ def plot(doc: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="ringsync-report", description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="report JSON written by ringsync-train --json")
+    parser = _Parser(prog="ringsync-report",
+                     description="Print a run's straggler report, and plot it (--plot).")
+    parser.add_argument("path", help="report JSON written by ringsync-train --report PATH.json")
     parser.add_argument("--plot", metavar="OUT.png", help="also draw the report to this image")
     try:
         args = parser.parse_args(argv)

@@ -248,6 +248,10 @@ class Recorder:
         from .collectives import allgather  # late: collectives imports this module
         w = world()
         mine = np.array(self.pending, dtype=np.float64).reshape(-1, 3)
+        counts = allgather(np.array([len(mine)], dtype=np.int64))
+        if (counts != counts[0]).any():        # every rank sees this, so every rank raises
+            raise RuntimeError(f"timing: ranks recorded different numbers of steps {counts.tolist()}; "
+                               "begin_step/end_step must run equally often on every rank")
         block = allgather(mine).reshape(w.size, -1, 3)
         self.pending.clear()
         if not block.shape[1]:
@@ -285,10 +289,33 @@ def mode_from_env(default: str = DEFAULT_MODE) -> str:
 def start(mode: str | None = None, *, every: int | None = None, timeline: str | None = None,
           stragglers: dict[int, float] | None = None, jitter: str | None = None,
           seed: int = 0) -> None:
-    """Start recording (call on every rank after init). Defaults: RINGSYNC_TIMING,
+    """Start recording; collective (call on every rank after init). Defaults: RINGSYNC_TIMING,
     RINGSYNC_TIMING_EVERY, RINGSYNC_TIMELINE. `stragglers` {rank: seconds} and `jitter`
-    ('exp:0.005') add sleeps to every step's compute, for experiments."""
+    ('exp:0.005') add sleeps to every step's compute, for experiments. A bad setting on any
+    rank, or ranks that disagree, raise ValueError on every rank (never a hang later)."""
     global _rec, _delays
+    from .collectives import allgather  # late: collectives imports this module
+    w = world()
+    error = None
+    try:
+        mode, every, timeline = _settings(mode, every, timeline, stragglers, w.size)
+        delays = Delays(w.rank, stragglers, jitter, seed)
+    except ValueError as exc:
+        error, mode, every, timeline = str(exc), "off", 0, ""
+    # The modes decide who calls which collective, so every rank must run the same ones.
+    rows = allgather(np.array([[error is not None, MODES.index(mode), every, bool(timeline)]]))
+    if rows[:, 0].any():
+        raise ValueError(error or f"timing settings rejected on rank {int(np.flatnonzero(rows[:, 0])[0])}")
+    if (rows != rows[0]).any():
+        raise ValueError("ranks disagree on timing settings (mode, every, timeline): "
+                         f"{[[MODES[m], e, bool(t)] for _, m, e, t in rows.tolist()]}")
+    _rec = Recorder(mode, every, timeline or None) if mode != "off" else None
+    _delays = delays if delays else None
+
+
+def _settings(mode: str | None, every: int | None, timeline: str | None,
+              stragglers: dict[int, float] | None, size: int) -> tuple[str, int, str]:
+    """start()'s arguments checked, with the environment's defaults filled in."""
     mode = mode_from_env() if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -300,13 +327,10 @@ def start(mode: str | None = None, *, every: int | None = None, timeline: str | 
         raise ValueError(f"a timeline ({timeline}) needs timing mode passive or barrier, not off")
     if timeline and not os.path.isdir(os.path.dirname(os.path.abspath(timeline))):
         raise ValueError(f"timeline {timeline!r}: its folder does not exist")
-    w = world()
     for r, s in (stragglers or {}).items():
-        if not 0 <= r < w.size or not s >= 0:
-            raise ValueError(f"straggler {r}:{s}: rank must be in [0, {w.size}) and seconds >= 0")
-    delays = Delays(w.rank, stragglers, jitter, seed)
-    _rec = Recorder(mode, every, timeline or None) if mode != "off" else None
-    _delays = delays if delays else None
+        if not 0 <= r < size or not s >= 0:
+            raise ValueError(f"straggler {r}:{s}: rank must be in [0, {size}) and seconds >= 0")
+    return mode, every, timeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

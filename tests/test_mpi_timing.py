@@ -56,7 +56,10 @@ def test_timeline_has_one_track_per_rank(rs, tmp_path_factory):
     folder = COMM.bcast(str(tmp_path_factory.mktemp("tl")) if COMM.rank == 0 else None)
     path = f"{folder}/trace.json"
     rs.timing.start("barrier", every=0, timeline=path)
-    run_steps(rs, 4)
+    run_steps(rs, 3)
+    rs.timing.begin_step()
+    rs.grouped_allreduce_([np.ones(5), np.ones(7)])       # two separate arrays: fusion packs
+    rs.timing.end_step()
     rs.timing.finish()
     ok, why = True, ""
     if COMM.rank == 0:
@@ -65,7 +68,7 @@ def test_timeline_has_one_track_per_rank(rs, tmp_path_factory):
         spans = [e for e in events if e["ph"] == "X"]
         tracks = {e["tid"] for e in spans}
         names = {e["name"] for e in spans}
-        ok = tracks == set(range(COMM.size)) and {"step", "compute", "allreduce", "pack"} <= names
+        ok = tracks == set(range(COMM.size)) and {"step", "compute", "allreduce", "pack", "unpack"} <= names
         ok = ok and sum(e["name"] == "step" for e in spans) == 4 * COMM.size
         why = f"tracks {tracks}, names {names}"
     assert_everywhere(ok, why)
@@ -94,3 +97,28 @@ def test_bad_arguments_raise_on_every_rank(rs):
         except ValueError:
             raised = True
         assert_everywhere(raised, f"start({kwargs}) did not raise")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_unequal_step_counts_raise_on_every_rank(rs):
+    rs.timing.start("passive", every=0)
+    for _ in range(1 + (COMM.rank == 1)):    # rank 1 records one step more
+        rs.timing.begin_step()
+        rs.timing.end_step()
+    try:
+        rs.timing.finish()
+        raised = ""
+    except RuntimeError as exc:
+        raised = str(exc)
+    assert_everywhere("different numbers of steps" in raised, raised)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_ranks_that_disagree_on_the_mode_raise_everywhere(rs):
+    try:
+        rs.timing.start("barrier" if COMM.rank == 1 else "passive")   # would deadlock later
+        raised = ""
+        rs.timing.finish()
+    except ValueError as exc:
+        raised = str(exc)
+    assert_everywhere("disagree" in raised, raised)

@@ -56,3 +56,18 @@ def test_hooks_example_names_the_highest_rank():
     assert result.stdout.count("wait per rank") == 10
     assert result.stdout.count("everybody waited for rank 3") >= 7   # 2 cores, 4 ranks: noise
     assert "slowest rank: 3" in result.stdout
+
+
+def test_timing_benchmarks_run(tmp_path):
+    out = tmp_path / "overhead.json"
+    result = run_mpi(2, ["benchmarks/timing_overhead.py", "--rounds", "1", "--steps", "3",
+                         "--json", str(out)], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(json.loads(out.read_text())["overhead_percent"]) == {"off", "passive", "barrier"}
+    result = run_mpi(2, ["benchmarks/timing_accuracy.py", "--steps", "4", "--delay", "0.001"], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "barrier: 2 ranks" in result.stdout and "passive: 2 ranks" in result.stdout
+    result = run_mpi(2, ["benchmarks/jitter.py", "--steps", "3", "--delays", "0,0.02",
+                         "--jitters", "exp:0.001"], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "straggler 1:0.02" in result.stdout and "jitter exp:0.001" in result.stdout
