@@ -15,6 +15,10 @@ setup(
         "mpich": ["mpich"],
         "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "hypothesis>=6", "ruff"],
         "gpu": ["cupy"],
+        "plot": ["matplotlib>=3.6"],   # ringsync-report --plot
     },
-    entry_points={"console_scripts": ["ringsync-train = ringsync.train:main"]},
+    entry_points={"console_scripts": [
+        "ringsync-train = ringsync.train:main",
+        "ringsync-report = ringsync.report:main",
+    ]},
 )

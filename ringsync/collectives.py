@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import join, ops
+from . import join, ops, timing
 from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
-from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .ring import ring_allgather_, ring_allreduce_
+from .ring_fast import choose, pipelined_ring_allreduce_, tuning
+from .small import recursive_doubling_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
 
 
@@ -46,18 +48,32 @@ def _refuse(exc: BaseException) -> None:
     world().checker.refuse(exc)
 
 
+@timing.probe   # times the call inside a training step; nothing below here knows about timing
 def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
                      contributors: int = 0) -> None:
-    """The ring on a contiguous 1-D buffer, then the average's division if asked.
+    """All-reduce a contiguous 1-D buffer, then the average's division if asked.
 
+    The algorithm goes by size (ring_fast.choose; README: RINGSYNC_ALLREDUCE and friends):
+    recursive doubling for small buffers (fewest messages), ring.py's ring for the rest (least
+    traffic), pipelined in segments for large ones. All give the same bits on all ranks.
     `guard` checks cross-rank agreement on the way (agreement.py); `contributors` is the
     number of ranks whose data counts for an average (join.py), all of them by default.
     """
     w = world()
     if w.size > 1 and flat.size:
-        largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
-        ring_allreduce_(flat, w.comm, ops.OPS[op], scratch=w.scratch(2 * largest_chunk, flat.dtype),
-                        guard=guard)
+        settings = tuning()
+        algorithm, reduce = choose(flat.nbytes, w.size, settings), ops.OPS[op]
+        if algorithm == "doubling":
+            recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(flat.size, flat.dtype), guard)
+        else:
+            largest_chunk = -(-flat.size // w.size)     # chunk 0, ceil(n / p) elements
+            if algorithm == "pipelined":
+                segment = max(1, settings.segment_bytes // flat.itemsize)
+                pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(
+                    2 * min(segment, largest_chunk), flat.dtype), segment, guard)
+            else:
+                ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(2 * largest_chunk, flat.dtype),
+                                guard=guard)
     elif guard is not None:
         guard.agree(w.comm)         # no data, but the ranks must still agree
     if guard is not None and guard.bad:
@@ -96,7 +112,8 @@ def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
     try:
         op = ops.resolve_op(op)
-        flat = _check_inplace(x, "x").reshape(-1)
+        flat = _check_inplace(x, "x")
+        flat = flat if flat.ndim == 1 else flat.reshape(-1)   # reshape costs ~0.1 us; skip it
         _check_name(name)
     except (TypeError, ValueError) as exc:
         _refuse(exc)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import ops
+from . import ops, timing
 from .collectives import _check_inplace, _reduce_
 from .config import env_int
 
@@ -143,12 +143,16 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
         return
     total = sum(a.size for a in bucket)
     buf = _buffers.get(total, bucket[0].dtype)
+    t = timing.now()
     np.concatenate([a.reshape(-1) for a in bucket], out=buf)       # pack: one pass
+    timing.mark("pack", t)                            # (a span in --timeline traces)
     _reduce_(buf, op, buf.shape, None, group, layout)
+    t = timing.now()
     offset = 0
     for a in bucket:                                  # unpack
         a.reshape(-1)[...] = buf[offset:offset + a.size]
         offset += a.size
+    timing.mark("unpack", t)
 
 
 def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,

@@ -1,0 +1,91 @@
+"""Recursive doubling: the all-reduce for small buffers, in ceil(log2 p) rounds (+2 when p is odd-sized).
+
+The ring sends 2(p-1) messages; for a few kilobytes each message costs its latency, not its
+bytes, so fewer, larger messages win. Recursive doubling: in round k rank r swaps its whole
+buffer with partner r XOR 2^k and both reduce. After round k every rank holds the reduction
+of a group of 2^(k+1) ranks; after log2 p rounds, of all of them. It sends n*log2(p) per
+rank instead of the ring's 2n(p-1)/p, which is why it is only for small buffers.
+
+Same bits on every rank: the two partners compute reduce(lower rank's data, higher rank's
+data) in that operand order. Addition is commutative in IEEE arithmetic, but min/max of +0
+and -0, or of two NaNs, return whichever operand came first; a fixed order removes the doubt.
+
+When p is not a power of two (p = 2^m + rem), the first 2*rem ranks pair up first: each even
+one hands its buffer to its odd neighbour and sits out; the 2^m ranks left do recursive
+doubling; the odd ones then hand the result back. (The scheme MPICH uses.)
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+from mpi4py import MPI
+
+if TYPE_CHECKING:
+    from .agreement import Checker as Guard
+
+
+@lru_cache(maxsize=256)
+def doubling_plan(p: int, r: int) -> tuple[int, int, tuple[int, ...]]:
+    """Rank r's part on p ranks, worked out once: (gives_to, takes_from, partners).
+
+    gives_to >= 0: r hands its buffer to that rank and sits out (then gets the result back).
+    takes_from >= 0: r first adds that rank's buffer (and afterwards hands it the result).
+    partners: the ranks r swaps buffers with, one per doubling round.
+    """
+    pof2 = 1 << (p.bit_length() - 1)       # largest power of two <= p
+    rem = p - pof2
+    if r < 2 * rem and r % 2 == 0:          # fold: an even rank among the first 2*rem
+        return r + 1, -1, ()
+    vrank = r // 2 if r < 2 * rem else r - rem
+    # Virtual ranks 0..pof2-1, partner differs in one bit per round, mapped back to real ranks.
+    vpartners = [vrank ^ (1 << k) for k in range(pof2.bit_length() - 1)]
+    partners = tuple(2 * v + 1 if v < rem else v + rem for v in vpartners)
+    return -1, (r - 1 if r < 2 * rem else -1), partners
+
+
+def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
+                                  scratch: np.ndarray, guard: Guard | None = None) -> np.ndarray:
+    """Reduce the 1-D contiguous `buf` across `comm` in place; `scratch` holds buf.size elements.
+
+    `guard` (agreement.py) checks first that every rank makes the same call; if they do not,
+    it returns with `buf` untouched and `guard.bad` set.
+    """
+    p, r = comm.Get_size(), comm.Get_rank()
+    if p == 1 or buf.size == 0:
+        return buf
+    if guard is not None and p > 2:
+        guard.agree(comm)                   # p-1 empty guarded ring steps first
+        if guard.bad:
+            return buf
+    gives_to, takes_from, partners = doubling_plan(p, r)
+
+    # Fold: among the first 2*rem ranks, evens give their data to the odd rank above them.
+    if gives_to >= 0:
+        comm.Send(buf, dest=gives_to)
+        comm.Recv(buf, source=gives_to)     # ... and, at the end, get the result back
+        return buf
+    if takes_from >= 0:
+        comm.Recv(scratch, source=takes_from)
+        reduce(scratch, buf, out=buf)       # lower rank's data first
+
+    # Double: swap whole buffers with each partner in turn, reducing in rank order.
+    for partner in partners:
+        if guard is not None and p == 2:
+            # Two ranks: this one exchange is also the ring's one step, so the agreement
+            # check rides on it; buf is not written unless both ranks agree.
+            guard.sendrecv(comm, buf, partner, scratch, partner)
+            if guard.bad:
+                return buf
+        else:
+            comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+        if partner < r:
+            reduce(scratch, buf, out=buf)
+        else:
+            reduce(buf, scratch, out=buf)
+
+    # Unfold: the rank that sat out gets the finished result, a copy of ours.
+    if takes_from >= 0:
+        comm.Send(buf, dest=takes_from)
+    return buf
