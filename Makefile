@@ -14,7 +14,7 @@ RANKS      ?= 1 2 3 4
 MPI_TIMEOUT ?= 300
 TEST_TIMEOUT ?= 120
 
-.PHONY: all test test-serial test-mpi demo demo-ring lint clean
+.PHONY: all test test-serial test-mpi test-gpu demo demo-ring lint clean
 
 all: test
 
@@ -34,6 +34,19 @@ test-mpi: $(VENV)/.installed
 	  echo "== MPI tests on $$n rank(s) =="; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m mpi \
 	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -W ignore::pytest.PytestUnraisableExceptionWarning; \
+	done
+
+# GPU tests: install CuPy (GPU_EXTRA=gpu-cuda11 / gpu-cuda13 for other CUDA majors), refuse
+# with the reason when no CuPy or device is usable, then run the tests marked gpu on 1, 2 ranks.
+GPU_EXTRA  ?= gpu
+GPU_RANKS  ?= 1 2
+test-gpu: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[$(GPU_EXTRA)]'
+	$(PY) -c "import sys; from ringsync.buffers import main; sys.exit(main(['--require-gpu']))"
+	@set -e; for n in $(GPU_RANKS); do \
+	  echo "== GPU tests on $$n rank(s) =="; \
+	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m gpu \
+	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -rs -W ignore::pytest.PytestUnraisableExceptionWarning; \
 	done
 
 demo: demo-ring

@@ -4,6 +4,7 @@
     rs.init()
     total = rs.allreduce(np.ones(4), op=rs.Sum)   # every rank gets [p, p, p, p]
 """
+from .buffers import GPUUnavailable, array_module, use_gpu
 from .collectives import allgather, allreduce, allreduce_, barrier, broadcast, broadcast_
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
 from .ops import Average, Max, Min, Sum
@@ -14,4 +15,5 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
     "Sum", "Average", "Min", "Max",
+    "use_gpu", "array_module", "GPUUnavailable",
 ]

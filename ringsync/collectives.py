@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from . import buffers, ops
 from .context import world
 from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
 
 
 def _as_array(x: object, arg: str) -> np.ndarray:
-    """Any array-like as a NumPy array of a supported dtype (no copy when already one)."""
-    if isinstance(x, np.ndarray):
+    """Any array-like as a NumPy array of a supported dtype (no copy when already one).
+
+    A CuPy array stays a CuPy array: buffers.py moves it, and the result stays on its GPU.
+    """
+    if isinstance(x, np.ndarray) or buffers.is_device_array(x):
         arr = x
     else:
         try:
@@ -28,11 +31,11 @@ def _as_array(x: object, arg: str) -> np.ndarray:
 
 
 def _check_inplace(x: object, arg: str) -> np.ndarray:
-    """An in-place call needs a writeable, C-contiguous NumPy array it can fill."""
-    if not isinstance(x, np.ndarray):
+    """An in-place call needs a writeable, C-contiguous NumPy (or CuPy) array it can fill."""
+    if not isinstance(x, np.ndarray) and not buffers.is_device_array(x):
         raise TypeError(f"{arg} must be a numpy.ndarray for an in-place call, got {type(x).__name__}")
     ops.check_dtype(x.dtype, arg)
-    if not x.flags.writeable:
+    if not getattr(x.flags, "writeable", True):   # CuPy arrays are always writeable
         raise ValueError(f"{arg} is read-only; an in-place call must write into it")
     if not x.flags.c_contiguous:
         raise ValueError(f"{arg} is not C-contiguous; use the out-of-place form or np.ascontiguousarray")
@@ -41,6 +44,8 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
 
 def _allreduce_flat_(flat: np.ndarray, op: str) -> None:
     """The ring on a contiguous 1-D buffer, then the average's division if asked."""
+    if buffers.is_device_array(flat):
+        return buffers.allreduce_device_(flat, op)   # GPU: CUDA-aware MPI or pinned staging
     w = world()
     if w.size > 1 and flat.size:
         largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
@@ -55,7 +60,7 @@ def allreduce(x: object, op: str = ops.Sum) -> np.ndarray:
     `x` is left untouched; any shape and layout is accepted. Every rank gets the same bits.
     """
     op = ops.resolve_op(op)
-    out = np.array(_as_array(x, "x"), order="C", copy=True)
+    out = buffers.contiguous_copy(_as_array(x, "x"))
     _allreduce_flat_(out.reshape(-1), op)
     return out
 
@@ -79,13 +84,16 @@ def _check_root(root: object) -> int:
 def broadcast_(x: np.ndarray, root: int = 0) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
     root = _check_root(root)
-    tree_broadcast_(_check_inplace(x, "x").reshape(-1), world().comm, root)
+    if buffers.is_device_array(_check_inplace(x, "x")):
+        buffers.broadcast_device_(x.reshape(-1), root)
+    else:
+        tree_broadcast_(x.reshape(-1), world().comm, root)
     return x
 
 
 def broadcast(x: object, root: int = 0) -> np.ndarray:
     """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
-    out = np.array(_as_array(x, "x"), order="C", copy=True)
+    out = buffers.contiguous_copy(_as_array(x, "x"))
     return broadcast_(out, root)
 
 
@@ -95,19 +103,23 @@ def allgather(x: object) -> np.ndarray:
     First dimensions may differ between ranks (as in Horovod); the rest of the shape and the
     dtype must agree, or every rank raises ValueError.
     """
-    arr = np.ascontiguousarray(_as_array(x, "x"))
+    xp = buffers.array_module(x)
+    arr = xp.ascontiguousarray(_as_array(x, "x"))
     if arr.ndim == 0:
         arr = arr.reshape(1)
     w = world()
     rows = _exchange_layouts(arr)
     firsts = rows[:, 0]
-    out = np.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
+    out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
     flat = out.reshape(-1)
     offsets = np.concatenate(([0], np.cumsum(firsts * per_row)))
     blocks = [flat[offsets[i]:offsets[i + 1]] for i in range(w.size)]
     blocks[w.rank][...] = arr.reshape(-1)
-    ring_allgather_(blocks, w.comm, owned=w.rank)
+    if xp is np:
+        ring_allgather_(blocks, w.comm, owned=w.rank)
+    else:
+        buffers.allgather_device_(blocks, owned=w.rank)
     return out
 
 

@@ -25,6 +25,8 @@ class World:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self._scratch: dict[np.dtype, np.ndarray] = {}
+        # buffers.py keeps its per-device scratch caches and the transport decision here.
+        self.backends: dict[object, object] = {}
 
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
         """A reusable 1-D buffer of at least `count` elements: no allocation per call."""
@@ -39,6 +41,7 @@ class World:
             if c != MPI.COMM_NULL:
                 c.Free()
         self._scratch.clear()
+        self.backends.clear()
 
 
 _world: World | None = None
