@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ringsync", "ringsync.*"]),
-    install_requires=["numpy>=1.24", "mpi4py>=4"],
+    install_requires=["numpy>=1.24", "mpi4py>=4", "scikit-learn>=1.2", "tqdm>=4.60"],
     extras_require={
         # the MPI library itself, from PyPI; leave it out to use a system MPI
         "mpich": ["mpich"],
@@ -19,5 +19,5 @@ setup(
         "gpu-cuda11": ["cupy-cuda11x"],
         "gpu-cuda13": ["cupy-cuda13x"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["ringsync-train = ringsync.train:main"]},
 )

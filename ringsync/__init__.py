@@ -6,8 +6,10 @@
 """
 from .buffers import GPUUnavailable, array_module, use_gpu
 from .collectives import allgather, allreduce, allreduce_, barrier, broadcast, broadcast_
+from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
 from .ops import Average, Max, Min, Sum
+from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
 __version__ = "0.1.0"
 
@@ -15,5 +17,7 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
     "Sum", "Average", "Min", "Max",
+    "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
+    "SGD", "DistributedOptimizer", "broadcast_parameters",
     "use_gpu", "array_module", "GPUUnavailable",
 ]

@@ -1,0 +1,158 @@
+"""A tiny neural network, forward and backward written out: Linear, ReLU, softmax cross-entropy.
+
+Everything is computed with an array module `xp`: NumPy on the CPU, CuPy on a GPU, through the
+same lines. Every parameter and every gradient is a view into one flat buffer (a FlatBuffer),
+so the whole model's gradient is one contiguous array: DistributedOptimizer all-reduces it
+in one fused ring call with no packing copy.
+
+Shapes: a batch x is (n, features); a Linear layer holds W (in, out) and b (out,), y = x W + b.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .fusion import FlatBuffer
+
+
+class Params:
+    """Named parameters and their gradients, stored as views into two flat buffers."""
+
+    def __init__(self, specs: Sequence[tuple[str, tuple[int, ...]]], dtype: object = np.float32,
+                 xp=np) -> None:
+        self.names = [name for name, _ in specs]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"parameter names must be unique, got {self.names}")
+        shapes = [shape for _, shape in specs]
+        self._values = FlatBuffer(shapes, dtype, xp)
+        self._grads = FlatBuffer(shapes, dtype, xp)
+        self.value = dict(zip(self.names, self._values.views))
+        self.grad = dict(zip(self.names, self._grads.views))
+
+    @property
+    def data(self):
+        """All parameters as one flat array (views in `value` share its memory)."""
+        return self._values.flat
+
+    @property
+    def flat_grad(self):
+        """All gradients as one flat array (views in `grad` share its memory)."""
+        return self._grads.flat
+
+    def grads(self) -> list:
+        """The gradient views, in order: back to back in memory."""
+        return [self.grad[n] for n in self.names]
+
+    def values(self) -> list:
+        """The parameter views, in order: back to back in memory."""
+        return [self.value[n] for n in self.names]
+
+
+class Linear:
+    """y = x W + b, with W and b views into the model's Params."""
+
+    def __init__(self, params: Params, name: str, xp=np) -> None:
+        self.W, self.b = params.value[f"{name}.weight"], params.value[f"{name}.bias"]
+        self.dW, self.db = params.grad[f"{name}.weight"], params.grad[f"{name}.bias"]
+        self.xp = xp
+        self.x = None
+
+    def forward(self, x):
+        self.x = x                        # kept for the backward pass
+        return x @ self.W + self.b
+
+    def backward(self, dy):
+        """Given dL/dy, write dL/dW and dL/db into the gradient buffer and return dL/dx."""
+        self.dW[...] = self.x.T @ dy
+        self.db[...] = dy.sum(axis=0)
+        return dy @ self.W.T
+
+
+class ReLU:
+    """max(x, 0); its gradient passes where the input was positive."""
+
+    def __init__(self, xp=np) -> None:
+        self.xp = xp
+        self.mask = None
+
+    def forward(self, x):
+        self.mask = x > 0
+        return x * self.mask
+
+    def backward(self, dy):
+        return dy * self.mask
+
+
+def softmax_cross_entropy(logits, labels, xp=np):
+    """Mean cross-entropy of integer `labels` under softmax(`logits`), and its gradient.
+
+    Returns (loss, dlogits). Subtracting each row's max first keeps exp() from overflowing;
+    the gradient is the classic (softmax - one_hot) / n.
+    """
+    n = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_norm = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = shifted - log_norm
+    rows = xp.arange(n)
+    loss = -log_probs[rows, labels].mean()
+    dlogits = xp.exp(log_probs)
+    dlogits[rows, labels] -= 1
+    dlogits /= n
+    return loss, dlogits
+
+
+class MLP:
+    """Linear -> ReLU -> ... -> Linear: a multilayer perceptron of the given widths.
+
+    sizes = [inputs, hidden..., classes]. Weights start He-initialised from `seed` (drawn with
+    NumPy on the host, then copied into `xp` arrays), biases at zero.
+    """
+
+    def __init__(self, sizes: Sequence[int], seed: int = 0, dtype: object = np.float32, xp=np) -> None:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes must be at least [inputs, classes], all >= 1, got {sizes}")
+        self.sizes, self.xp = sizes, xp
+        specs = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            specs += [(f"fc{i}.weight", (n_in, n_out)), (f"fc{i}.bias", (n_out,))]
+        self.params = Params(specs, dtype, xp)
+        rng = np.random.default_rng(seed)
+        self.layers: list = []
+        for i, n_in in enumerate(sizes[:-1]):
+            w = self.params.value[f"fc{i}.weight"]
+            w[...] = xp.asarray(rng.standard_normal(w.shape) * np.sqrt(2.0 / n_in))
+            if i:
+                self.layers.append(ReLU(xp))
+            self.layers.append(Linear(self.params, f"fc{i}", xp))
+
+    def forward(self, x):
+        """Logits for the batch x (n, inputs)."""
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dlogits) -> None:
+        """Fill params.grad from dL/dlogits (after a forward on the same batch)."""
+        for layer in reversed(self.layers):
+            dlogits = layer.backward(dlogits)
+
+    def loss_and_grad(self, x, labels) -> tuple[float, float]:
+        """Forward and backward on one batch: fills the gradients, returns (loss, accuracy)."""
+        logits = self.forward(x)
+        loss, dlogits = softmax_cross_entropy(logits, labels, self.xp)
+        self.backward(dlogits)
+        accuracy = (logits.argmax(axis=1) == labels).mean()
+        return float(loss), float(accuracy)
+
+    def evaluate(self, x, labels, batch: int = 4096) -> tuple[float, float]:
+        """(mean loss, accuracy) over a whole data set, without touching the gradients."""
+        total_loss, correct, n = 0.0, 0, x.shape[0]
+        for start in range(0, n, batch):
+            xb, yb = x[start:start + batch], labels[start:start + batch]
+            logits = self.forward(xb)
+            loss, _ = softmax_cross_entropy(logits, yb, self.xp)
+            total_loss += float(loss) * xb.shape[0]
+            correct += int((logits.argmax(axis=1) == yb).sum())
+        return total_loss / max(n, 1), correct / max(n, 1)

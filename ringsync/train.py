@@ -1,0 +1,404 @@
+"""`ringsync-train`: synchronous data-parallel SGD of a small MLP, on every rank of an MPI job.
+
+    mpiexec -n 4 ringsync-train                       # digits, default settings
+    mpiexec -n 4 ringsync-train --epochs 5 --save ckpt.npz --report report.json
+    mpiexec -n 4 ringsync-train --resume ckpt.npz --epochs 10 --save ckpt.npz
+
+Each step has three phases, kept apart so they can be timed and studied one by one:
+  1. compute_gradients   forward and backward on this rank's slice of the global batch;
+  2. allreduce_gradients one fused ring all-reduce averages the gradients over all ranks;
+  3. apply_update        every rank applies the same SGD update to the same parameters.
+So all ranks hold the same model, bit for bit, after every step; the summary proves it by
+comparing parameter hashes across ranks. --batch-size is per rank (Horovod's convention):
+the global batch is ranks x batch size, and the learning rate applies to its average gradient.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+import numpy as np
+
+import ringsync as rs
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .data import (DataError, Dataset, epoch_permutation, load_digits_dataset, load_npz_dataset,
+                   shard_indices, steps_per_epoch, synthetic_dataset)
+from .nn import MLP
+from .optim import SGD, DistributedOptimizer, broadcast_parameters
+
+PROG = "ringsync-train"
+DEFAULT_EPOCHS = 20
+
+
+# --- command line: every mistake exits 2 with one line, printed once (rank 0) ---------------
+
+def _world_rank() -> int:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def fail(message: str) -> NoReturn:
+    """Print `ringsync-train: error: message` on rank 0 and exit 2 on every rank."""
+    if _world_rank() == 0:
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.stderr.flush()
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:   # argparse's usage dump becomes one line
+        fail(f"{message} (see {PROG} --help)")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_at_least(low: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (np.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
+        return value
+    return parse
+
+
+def _widths(text: str) -> list[int]:
+    """'128,64' -> [128, 64]; '' -> [] (no hidden layer: softmax regression)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        widths = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}") from None
+    if any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"every width must be >= 1, got {text!r}")
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Data-parallel SGD of a small MLP over ringsync's ring all-reduce.")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=["digits", "synthetic"], default=None,
+                   help="built-in data set (default digits: scikit-learn's 1,797 8x8 images)")
+    d.add_argument("--data", metavar="PATH.npz", help="your own data: an .npz with arrays X and y")
+    d.add_argument("--samples", type=_int_at_least(2), default=10_000, help="synthetic: samples (10000)")
+    d.add_argument("--features", type=_int_at_least(1), default=64, help="synthetic: features (64)")
+    d.add_argument("--classes", type=_int_at_least(2), default=10, help="synthetic: classes (10)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_int_at_least(1), default=DEFAULT_EPOCHS,
+                   help=f"passes over the training set (default {DEFAULT_EPOCHS})")
+    t.add_argument("--max-steps", type=_int_at_least(1), default=None, help="stop after this many steps in all")
+    t.add_argument("--batch-size", type=_int_at_least(1), default=32, help="samples per rank per step (32)")
+    t.add_argument("--lr", type=_float_at_least(0.0), default=0.1, help="learning rate (0.1)")
+    t.add_argument("--momentum", type=_float_at_least(0.0), default=0.9, help="SGD momentum (0.9)")
+    t.add_argument("--weight-decay", type=_float_at_least(0.0), default=0.0, help="L2 weight decay (0)")
+    t.add_argument("--hidden", type=_widths, default=[128, 64], help="hidden widths, e.g. 128,64 (default)")
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype")
+    t.add_argument("--seed", type=_int_at_least(0), default=0, help="model init and sample order (0)")
+    t.add_argument("--fusion-mb", type=_float_at_least(0.0), default=None,
+                   help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
+    o = p.add_argument_group("output")
+    o.add_argument("--save", metavar="PATH.npz", help="checkpoint after every epoch and at the end (rank 0)")
+    o.add_argument("--save-every", type=_int_at_least(1), default=None, metavar="N",
+                   help="also checkpoint every N steps")
+    o.add_argument("--resume", metavar="PATH.npz", help="continue exactly from a checkpoint")
+    o.add_argument("--report", metavar="PATH.json", help="write a JSON report (rank 0)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the command line; any problem exits 2 with one line."""
+    args = build_parser().parse_args(argv)
+    if args.data and args.dataset:
+        fail("use either --data or --dataset, not both")
+    if args.save_every and not args.save:
+        fail("--save-every needs --save PATH.npz")
+    for flag in ("save", "report"):
+        path = getattr(args, flag)
+        if path and not Path(path).resolve().parent.is_dir():
+            fail(f"--{flag} {path}: folder {Path(path).resolve().parent} does not exist")
+        if path and Path(path).is_dir():
+            fail(f"--{flag} {path}: is a folder, not a file")
+    args.dataset = args.dataset or ("file" if args.data else "digits")
+    return args
+
+
+def _agree(error: str | None) -> None:
+    """Exit 2 on every rank if any rank hit `error` (the lowest such rank prints it): never a hang."""
+    flags = rs.allgather(np.array([error is not None], dtype=np.int8))
+    if flags.any():
+        if int(np.flatnonzero(flags)[0]) == rs.rank():
+            sys.stderr.write(f"{PROG}: error: {error}\n")
+            sys.stderr.flush()
+        sys.exit(2)
+
+
+def load_data(args: argparse.Namespace) -> Dataset:
+    """The data set the flags ask for (same on every rank)."""
+    if args.data:
+        return load_npz_dataset(args.data)
+    if args.dataset == "synthetic":
+        return synthetic_dataset(args.samples, args.features, args.classes, seed=args.seed)
+    return load_digits_dataset()
+
+
+def _to_host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# --- the training loop ----------------------------------------------------------------------
+
+PHASES = ("compute", "allreduce", "update")
+
+
+class Trainer:
+    """One rank's model, optimizer and position in the run, with the step split into phases."""
+
+    def __init__(self, args: argparse.Namespace, data: Dataset, xp=np) -> None:
+        self.args, self.data, self.xp = args, data, xp
+        self.rank, self.size = rs.rank(), rs.size()
+        self.global_batch = args.batch_size * self.size
+        self.steps_per_epoch = steps_per_epoch(len(data.x_train), self.global_batch)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.sizes = [data.features, *args.hidden, data.classes]
+        self.model = MLP(self.sizes, seed=args.seed, dtype=args.dtype, xp=xp)
+        self.params = self.model.params
+        fusion_bytes = None if args.fusion_mb is None else int(args.fusion_mb * 2**20)
+        self.optimizer = DistributedOptimizer(
+            SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
+            op=rs.Average, fusion_bytes=fusion_bytes)
+        broadcast_parameters(self.params, root=0)      # every rank starts from rank 0's model
+        self.step = 0                                  # global steps done, across resumes
+        self.steps_run = 0                             # steps done by this process
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self._perm_epoch, self._perm = -1, None
+
+    # The three phases of one step. Each is one call, so a wrapper can time or delay it.
+
+    def compute_gradients(self, xb, yb) -> tuple[float, float]:
+        """Forward and backward on this rank's batch; fills the gradient buffer."""
+        return self.model.loss_and_grad(xb, yb)
+
+    def allreduce_gradients(self) -> None:
+        """Average the gradients over all ranks (one fused ring all-reduce)."""
+        self.optimizer.synchronize()
+
+    def apply_update(self) -> None:
+        """The SGD update, identical on every rank."""
+        self.optimizer.step()
+
+    def train_step(self, xb, yb) -> tuple[float, float]:
+        """compute -> all-reduce -> update, timing each phase; returns (loss, accuracy) on this rank."""
+        t0 = time.perf_counter()
+        loss, acc = self.compute_gradients(xb, yb)
+        t1 = time.perf_counter()
+        self.allreduce_gradients()
+        t2 = time.perf_counter()
+        self.apply_update()
+        t3 = time.perf_counter()
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
+            self.phase_seconds[name] += seconds
+        self.step += 1
+        self.steps_run += 1
+        return loss, acc
+
+    def batch(self, step: int):
+        """This rank's slice of global batch `step` (same samples in the batch for any rank count)."""
+        epoch, t = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm_epoch = epoch
+            self._perm = epoch_permutation(self.args.seed, epoch, len(self.data.x_train))
+        idx = shard_indices(self._perm, t, self.args.batch_size, self.rank, self.size)
+        return (self.xp.asarray(self.data.x_train[idx], dtype=self.args.dtype),
+                self.xp.asarray(self.data.y_train[idx]))
+
+    def evaluate(self, x, y) -> tuple[float, float]:
+        return self.model.evaluate(self.xp.asarray(x, dtype=self.args.dtype), self.xp.asarray(y))
+
+    # Checkpoints: rank 0 writes; every rank reads (then rank 0's parameters are broadcast).
+
+    def _meta(self) -> dict:
+        epoch, t = divmod(self.step, self.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "step_in_epoch": t, "seed": self.args.seed,
+                "global_batch": self.global_batch, "sizes": self.sizes, "dtype": self.args.dtype,
+                "train_samples": len(self.data.x_train), "dataset": self.data.name,
+                "world_size": self.size}
+
+    def save(self, path: str) -> None:
+        if self.rank != 0:
+            return
+        epoch = self.step // self.steps_per_epoch
+        perm = epoch_permutation(self.args.seed, epoch, len(self.data.x_train))
+        params = {n: _to_host(v) for n, v in self.params.value.items()}
+        optim = {n: _to_host(v) for n, v in self.optimizer.state_dict().items()}
+        optim["permutation"] = perm          # stored under optimizer/ so it is never a parameter
+        save_checkpoint(path, params, optim, self._meta())
+
+    def restore(self, path: str) -> None:
+        """Load a checkpoint on every rank; raise CheckpointError naming any mismatch."""
+        params, optim, meta = load_checkpoint(path)
+        mine = self._meta()
+        for key in ("seed", "global_batch", "sizes", "dtype", "train_samples"):
+            if meta.get(key) != mine[key]:
+                raise CheckpointError(f"--resume {path}: checkpoint has {key}={meta.get(key)}, "
+                                      f"this run has {key}={mine[key]}")
+        for name in self.params.names:
+            if name not in params or params[name].shape != self.params.value[name].shape:
+                raise CheckpointError(f"--resume {path}: parameter {name} missing or mis-shaped")
+        perm = optim.pop("permutation", None)
+        step = int(meta["step"])
+        expected = epoch_permutation(self.args.seed, step // self.steps_per_epoch, len(self.data.x_train))
+        if perm is None or not np.array_equal(perm, expected):
+            raise CheckpointError(f"--resume {path}: stored sample order differs from this NumPy's; "
+                                  "cannot resume exactly")
+        try:
+            self.optimizer.load_state_dict(optim)
+        except ValueError as exc:
+            raise CheckpointError(f"--resume {path}: {exc}") from None
+        for name in self.params.names:
+            self.params.value[name][...] = self.xp.asarray(params[name])
+        self.step = step
+
+    # The single place that builds this rank's figures for the report (wrappers add fields).
+
+    def rank_record(self) -> dict:
+        steps = max(self.steps_run, 1)
+        record = {"rank": self.rank, "steps": self.steps_run}
+        for name in PHASES:
+            record[f"{name}_s"] = self.phase_seconds[name]
+            record[f"{name}_ms_per_step"] = 1e3 * self.phase_seconds[name] / steps
+        return record
+
+
+def gather_rank_records(record: dict) -> list[dict]:
+    """Every rank's record, in rank order, on every rank (numbers only; ringsync's allgather)."""
+    keys = sorted(record)
+    row = np.array([[float(record[k]) for k in keys]], dtype=np.float64)
+    rows = rs.allgather(row)
+    kinds = {k: type(record[k]) for k in keys}
+    return [{k: kinds[k](v) for k, v in zip(keys, r)} for r in rows]
+
+
+def params_identical(params_flat) -> tuple[bool, str]:
+    """(whether every rank's parameters hash alike, rank 0's sha256) -- via ringsync's allgather."""
+    digest = hashlib.sha256(_to_host(params_flat).tobytes()).digest()
+    all_digests = rs.allgather(np.frombuffer(digest, dtype=np.uint8)).reshape(-1, len(digest))
+    return bool((all_digests == all_digests[0]).all()), all_digests[0].tobytes().hex()
+
+
+def run(trainer: Trainer, quiet: bool = False) -> float:
+    """Train from trainer.step to trainer.total_steps; checkpoint as asked; return wall seconds."""
+    args, show = trainer.args, trainer.rank == 0 and not quiet
+    bar = None
+    if show:
+        from tqdm import tqdm
+        bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", desc=PROG,
+                   dynamic_ncols=True, file=sys.stderr)
+    start = time.perf_counter()
+    loss_sum = acc_sum = 0.0
+    count = 0
+    while trainer.step < trainer.total_steps:
+        if trainer.step % trainer.steps_per_epoch == 0:
+            loss_sum, acc_sum, count = 0.0, 0.0, 0
+        t = time.perf_counter()
+        loss, acc = trainer.train_step(*trainer.batch(trainer.step))
+        step_ms = 1e3 * (time.perf_counter() - t)
+        loss_sum, acc_sum, count = loss_sum + loss, acc_sum + acc, count + 1
+        if bar is not None:
+            epoch = (trainer.step - 1) // trainer.steps_per_epoch + 1
+            bar.set_postfix_str(f"epoch {epoch} loss {loss_sum / count:.4f} acc {acc_sum / count:.3f} "
+                                f"step {step_ms:.2f} ms", refresh=False)
+            bar.update(1)
+        end_of_epoch = trainer.step % trainer.steps_per_epoch == 0
+        periodic = args.save_every and trainer.step % args.save_every == 0
+        if args.save and (end_of_epoch or periodic or trainer.step == trainer.total_steps):
+            trainer.save(args.save)
+    elapsed = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return elapsed
+
+
+def main(argv: Sequence[str] | None = None, xp=np) -> int:
+    """Entry point of `ringsync-train` and `python -m ringsync.train`."""
+    args = parse_args(argv)
+    rs.init()
+    data, error = None, None
+    try:
+        data = load_data(args)
+    except DataError as exc:
+        error = str(exc)
+    _agree(error)
+    if steps_per_epoch(len(data.x_train), args.batch_size * rs.size()) == 0:
+        fail(f"global batch {rs.size()} x {args.batch_size} exceeds the {len(data.x_train)} "
+             "training samples; lower --batch-size")
+    trainer = Trainer(args, data, xp=xp)
+    if args.resume:
+        error = None
+        try:
+            trainer.restore(args.resume)
+        except CheckpointError as exc:
+            error = str(exc)
+        _agree(error)
+        broadcast_parameters(trainer.params, root=0)
+    first_step = trainer.step
+    if rs.rank() == 0 and not args.quiet:
+        print(f"{PROG}: {rs.size()} rank(s), {data.name} ({len(data.x_train)} train / {len(data.x_test)} "
+              f"test), MLP {'-'.join(map(str, trainer.sizes))} {args.dtype}, global batch "
+              f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch"
+              + (f", resuming at step {first_step}" if args.resume else ""), flush=True)
+
+    seconds = run(trainer, quiet=args.quiet)
+
+    final_loss, train_acc = trainer.evaluate(data.x_train, data.y_train)
+    _, test_acc = trainer.evaluate(data.x_test, data.y_test)
+    identical, digest = params_identical(trainer.params.data)
+    ranks = gather_rank_records(trainer.rank_record())
+    samples = trainer.steps_run * trainer.global_batch
+    report = {
+        "world_size": rs.size(), "steps": trainer.step, "steps_this_run": trainer.steps_run,
+        "epochs": trainer.step / trainer.steps_per_epoch, "steps_per_epoch": trainer.steps_per_epoch,
+        "global_batch": trainer.global_batch, "batch_size": args.batch_size,
+        "dataset": data.name, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
+        "model": trainer.sizes, "dtype": args.dtype, "lr": args.lr, "momentum": args.momentum,
+        "weight_decay": args.weight_decay, "seed": args.seed,
+        "final_loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc,
+        "train_seconds": seconds, "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+        "params_identical_across_ranks": identical, "params_sha256": digest,
+        "resumed_from_step": first_step if args.resume else None,
+        "ranks": ranks,
+    }
+    if rs.rank() == 0:
+        if args.report:
+            text = json.dumps(report, indent=2) + "\n"
+            atomic_write(args.report, lambda f: f.write(text.encode()))
+        if not args.quiet:
+            print(f"{PROG}: {trainer.step} steps ({report['epochs']:.3g} epochs): final loss "
+                  f"{final_loss:.4f}, train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
+                  f"{report['samples_per_second']:.0f} samples/s", flush=True)
+            print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
+                  f"{'yes' if identical else 'NO'} (sha256 {digest[:16]})", flush=True)
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
