@@ -37,12 +37,14 @@ test-mpi: $(VENV)/.installed
 	done
 
 # GPU tests: install CuPy (GPU_EXTRA=gpu-cuda11 / gpu-cuda13 for other CUDA majors), refuse
-# with the reason when no CuPy or device is usable, then run the tests marked gpu on 1, 2 ranks.
+# with the reason when no CuPy or device is usable, then the tests marked gpu: serial ones (training jobs), MPI ones on 1 and 2 ranks.
 GPU_EXTRA  ?= gpu
 GPU_RANKS  ?= 1 2
 test-gpu: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[$(GPU_EXTRA)]'
 	$(PY) -c "import sys; from ringsync.buffers import main; sys.exit(main(['--require-gpu']))"
+	RINGSYNC_TEST_MPIEXEC="$(MPIEXEC) $(MPIEXEC_FLAGS)" $(PY) -m pytest tests -q -m "gpu and not mpi" \
+	  -p no:cacheprovider --timeout 600 -rs
 	@set -e; for n in $(GPU_RANKS); do \
 	  echo "== GPU tests on $$n rank(s) =="; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m gpu \

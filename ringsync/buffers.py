@@ -130,6 +130,15 @@ def use_gpu(device: int | None = None) -> int:
     return index
 
 
+def gpu_module_or_reason(device: int | None = None) -> tuple[Any, str | None]:
+    """(cupy, None) with this rank's device made current, or (None, the one-line reason)."""
+    try:
+        use_gpu(device)
+    except (GPUUnavailable, ValueError, TypeError) as exc:
+        return None, str(exc)
+    return import_cupy(), None
+
+
 # --- reusable buffers ------------------------------------------------------------------------
 
 class ScratchCache:

@@ -1,0 +1,40 @@
+"""`ringsync-train --device gpu`: refuses cleanly without a GPU; with one, trains like the CPU.
+
+Subprocess MPI jobs, so these run outside mpiexec (plain pytest): `make test` runs the refusal
+check, `make test-gpu` the GPU training check.
+"""
+import json
+
+import pytest
+
+from mpitools import run_mpi
+from ringsync import buffers
+
+REASON = buffers.gpu_unavailable_reason()
+TRAIN = ["-m", "ringsync.train", "--dataset", "synthetic", "--samples", "512", "--features", "16",
+         "--hidden", "32", "--epochs", "2", "--batch-size", "16", "--quiet"]
+
+
+@pytest.mark.skipif(REASON is None, reason="a GPU is usable here; this checks machines without one")
+def test_device_gpu_without_a_gpu_exits_2_with_one_line():
+    result = run_mpi(2, TRAIN + ["--device", "gpu"], timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringsync-train: error: --device gpu: "), result.stderr
+    assert "Traceback" not in result.stderr and "CuPy" in lines[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(REASON is not None, reason=f"no GPU: {REASON}")
+def test_gpu_training_matches_cpu_training(tmp_path):
+    reports = {}
+    for device in ("cpu", "gpu"):
+        path = tmp_path / f"{device}.json"
+        result = run_mpi(2, TRAIN + ["--device", device, "--report", str(path)], timeout=300)
+        assert result.returncode == 0, result.stderr
+        reports[device] = json.loads(path.read_text())
+    cpu, gpu = reports["cpu"], reports["gpu"]
+    assert gpu["device"] == "gpu" and gpu["params_identical_across_ranks"]
+    # Same data, same order, same arithmetic up to float32 rounding (GEMMs differ in order).
+    assert gpu["final_loss"] == pytest.approx(cpu["final_loss"], rel=1e-3, abs=1e-4)
+    assert gpu["test_accuracy"] == pytest.approx(cpu["test_accuracy"], abs=0.02)
