@@ -454,6 +454,8 @@ def broadcast_device_(flat: Any, root: int) -> None:
 def allgather_device_(blocks: list[Any], owned: int) -> None:
     """ring_allgather_ on consecutive CuPy views `blocks` of one buffer; this rank fills `owned`."""
     cp, w = array_module(blocks[0]), world()
+    if w.size == 1:
+        return
     with blocks[0].device:
         dev = _cupy_device(w, cp)
         if transport(w) == CUDA_AWARE:
