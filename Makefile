@@ -14,14 +14,14 @@ RANKS      ?= 1 2 3 4
 MPI_TIMEOUT ?= 300
 TEST_TIMEOUT ?= 120
 
-.PHONY: all test test-serial test-mpi test-gpu demo demo-ring lint clean
+.PHONY: all test test-serial test-mpi test-gpu demo demo-ring lint clean bench straggler
 
 all: test
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(filter pypi,$(MPI)),$(PY) -m pip install -q mpich)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,plot]'
 	touch $@
 
 test: test-serial test-mpi
@@ -55,6 +55,40 @@ demo: demo-ring
 
 demo-ring: $(VENV)/.installed
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n 4 $(PY) examples/ring_demo.py
+
+# Quick versions of the four benchmarks, on 2 ranks; results (txt, json, csv, png) and a
+# description of the machine go to $(BENCH_OUT). torch (for the gloo peer) is used if installed.
+BENCH_OUT ?= benchmarks/results
+BENCH_RANKS ?= 2
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[plot]'
+	touch $@
+
+bench: $(VENV)/.bench
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/describe_machine.py $(BENCH_OUT)/MACHINE.md
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
+	  -b 4K -e 64M -f 4 -n 5 -w 2 -r 7 --max-seconds 3 --json $(BENCH_OUT)/allreduce.json --csv $(BENCH_OUT)/allreduce.csv \
+	  --plot $(BENCH_OUT)/allreduce.png > $(BENCH_OUT)/allreduce.txt; s=$$?; cat $(BENCH_OUT)/allreduce.txt; exit $$s
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
+	  -N 256 -S 16K -r 7 --json $(BENCH_OUT)/fusion.json --csv $(BENCH_OUT)/fusion.csv \
+	  --plot $(BENCH_OUT)/fusion.png > $(BENCH_OUT)/fusion.txt; s=$$?; cat $(BENCH_OUT)/fusion.txt; exit $$s
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 100 --rounds 3 \
+	  --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/scaling.json --csv $(BENCH_OUT)/scaling.csv \
+	  --plot $(BENCH_OUT)/scaling.png > $(BENCH_OUT)/scaling.txt; s=$$?; cat $(BENCH_OUT)/scaling.txt; exit $$s
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \
+	  --steps 40 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/straggler.json \
+	  --csv $(BENCH_OUT)/straggler.csv --plot $(BENCH_OUT)/straggler.png > $(BENCH_OUT)/straggler.txt; \
+	  s=$$?; cat $(BENCH_OUT)/straggler.txt; exit $$s
+
+# A straggler experiment end to end: rank 2 sleeps 50 ms per step; the report prices it.
+straggler: $(VENV)/.installed
+	mkdir -p build/straggler
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n 4 $(VENV)/bin/ringsync-train --epochs 2 \
+	  --straggler 2:0.05 --report build/straggler/report.json --timeline build/straggler/trace.json
+	$(VENV)/bin/ringsync-report build/straggler/report.json --plot build/straggler/straggler.png
+	@echo "timeline: build/straggler/trace.json (open in https://ui.perfetto.dev)"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ringsync tests benchmarks examples

@@ -18,6 +18,10 @@ setup(
         "gpu": ["cupy-cuda12x"],
         "gpu-cuda11": ["cupy-cuda11x"],
         "gpu-cuda13": ["cupy-cuda13x"],
+        "plot": ["matplotlib>=3.6"],   # ringsync-report --plot
     },
-    entry_points={"console_scripts": ["ringsync-train = ringsync.train:main"]},
+    entry_points={"console_scripts": [
+        "ringsync-train = ringsync.train:main",
+        "ringsync-report = ringsync.report:main",
+    ]},
 )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import buffers, ops
+from . import buffers, ops, timing
 from .context import world
 from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .ring_fast import choose, pipelined_ring_allreduce_, tuning
+from .small import recursive_doubling_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
 
 
@@ -42,14 +44,30 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
+@timing.probe   # times the call inside a training step; nothing below here knows about timing
 def _allreduce_flat_(flat: np.ndarray, op: str) -> None:
-    """The ring on a contiguous 1-D buffer, then the average's division if asked."""
+    """All-reduce a contiguous 1-D buffer, then the average's division if asked.
+
+    The algorithm goes by size (ring_fast.choose; README: RINGSYNC_ALLREDUCE and friends):
+    recursive doubling for small buffers (fewest messages), the pipelined ring for the rest
+    (least traffic), or the teaching ring of ring.py when asked. All give the same bits on all ranks.
+    """
     if buffers.is_device_array(flat):
         return buffers.allreduce_device_(flat, op)   # GPU: CUDA-aware MPI or pinned staging
     w = world()
     if w.size > 1 and flat.size:
-        largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
-        ring_allreduce_(flat, w.comm, ops.OPS[op], scratch=w.scratch(largest_chunk, flat.dtype))
+        settings = tuning()
+        algorithm, reduce = choose(flat.nbytes, settings), ops.OPS[op]
+        if algorithm == "doubling":
+            recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(flat.size, flat.dtype))
+        elif algorithm == "pipelined":
+            largest_chunk = -(-flat.size // w.size)
+            segment = max(1, settings.segment_bytes // flat.itemsize)
+            pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(2 * min(segment, largest_chunk),
+                                                                      flat.dtype), segment)
+        else:
+            largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
+            ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(largest_chunk, flat.dtype))
     if op == ops.Average:
         ops.finish_average_(flat, w.size)
 

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import ops
+from . import ops, timing
 from .buffers import array_module, is_device_array
 from .collectives import _allreduce_flat_, _check_inplace
 from .config import env_int
@@ -137,15 +137,19 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
         return
     total = sum(a.size for a in bucket)
     buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])
+    t = timing.now()
     offset = 0
     for a in bucket:                                  # pack
         buf[offset:offset + a.size] = a.reshape(-1)
         offset += a.size
+    timing.mark("pack", t)                            # (a span in --timeline traces)
     _allreduce_flat_(buf, op)
+    t = timing.now()
     offset = 0
     for a in bucket:                                  # unpack
         a.reshape(-1)[...] = buf[offset:offset + a.size]
         offset += a.size
+    timing.mark("unpack", t)
 
 
 def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,

@@ -25,7 +25,7 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 import ringsync as rs
-from . import buffers
+from . import buffers, timing
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import (DataError, Dataset, epoch_permutation, load_digits_dataset, load_npz_dataset,
                    shard_indices, steps_per_epoch, synthetic_dataset)
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: NumPy; gpu: CuPy on device local_rank %% count (RINGSYNC_GPU_DEVICE overrides)")
     t.add_argument("--fusion-mb", type=_float_at_least(0.0), default=None,
                    help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
+    timing.add_arguments(p)   # --timing, --straggler, --jitter, --timeline
     o = p.add_argument_group("output")
     o.add_argument("--save", metavar="PATH.npz", help="checkpoint after every epoch and at the end (rank 0)")
     o.add_argument("--save-every", type=_int_at_least(1), default=None, metavar="N",
@@ -133,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         fail("use either --data or --dataset, not both")
     if args.save_every and not args.save:
         fail("--save-every needs --save PATH.npz")
-    for flag in ("save", "report"):
+    for flag in ("save", "report", "timeline"):
         path = getattr(args, flag)
         if path and not Path(path).resolve().parent.is_dir():
             fail(f"--{flag} {path}: folder {Path(path).resolve().parent} does not exist")
@@ -212,12 +213,14 @@ class Trainer:
     def train_step(self, xb, yb) -> tuple[float, float]:
         """compute -> all-reduce -> update, timing each phase; returns (loss, accuracy) on this rank."""
         t0 = time.perf_counter()
+        timing.begin_step()    # (sleeps here if --straggler/--jitter inject a delay)
         loss, acc = self.compute_gradients(xb, yb)
         t1 = time.perf_counter()
         self.allreduce_gradients()
         t2 = time.perf_counter()
         self.apply_update()
         t3 = time.perf_counter()
+        timing.end_step()
         for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
             self.phase_seconds[name] += seconds
         self.step += 1
@@ -373,7 +376,9 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
               f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch"
               + (f", resuming at step {first_step}" if args.resume else ""), flush=True)
 
+    timing.start_from_args(args, fail)
     seconds = run(trainer, quiet=args.quiet)
+    straggler_report = timing.finish()
 
     final_loss, train_acc = trainer.evaluate(data.x_train, data.y_train)
     _, test_acc = trainer.evaluate(data.x_test, data.y_test)
@@ -393,6 +398,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "resumed_from_step": first_step if args.resume else None,
         "ranks": ranks,
     }
+    timing.merge_report(report, straggler_report)   # ranks[i].compute_s/wait_s/..., "straggler"
     if rs.rank() == 0:
         if args.report:
             text = json.dumps(report, indent=2) + "\n"
@@ -401,6 +407,8 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
             print(f"{PROG}: {trainer.step} steps ({report['epochs']:.3g} epochs): final loss "
                   f"{final_loss:.4f}, train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
                   f"{report['samples_per_second']:.0f} samples/s", flush=True)
+            if straggler_report:
+                print(timing.format_report(straggler_report), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
                   f"{'yes' if identical else 'NO'} (sha256 {digest[:16]})", flush=True)
     return 0 if identical else 1

@@ -1,0 +1,288 @@
+"""Shared pieces of the benchmark scripts: CLI parsing that exits 2 in one line, sizes with
+K/M/G suffixes, interleaved timing, machine description, atomic JSON/CSV writes, plots.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+# nccl-tests' type names, and NumPy's, for -d.
+DTYPE_NAMES = {
+    "half": "float16", "float": "float32", "double": "float64", "int": "int32",
+    "char": "int8", "uchar": "uint8", "uint": "uint32",
+    "float16": "float16", "float32": "float32", "float64": "float64",
+    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+    "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+}
+
+
+class CliError(Exception):
+    """Bad command-line input: the script prints one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{self.prog}: error: {message}")
+
+
+def fail(message: str, rank: int | None = None) -> None:
+    """Print `message` once (rank 0, or the only process) and exit 2."""
+    if rank is None:
+        rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    if rank == 0:
+        print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_size(text: str) -> int:
+    """'4K' -> 4096, '64M' -> 67108864, '100' -> 100 (binary suffixes, as nccl-tests)."""
+    t = str(text).strip().upper().removesuffix("B")
+    suffix = t[-1:] if t[-1:] in _SUFFIX and t[-1:] != "" else ""
+    number = t[:-1] if suffix else t
+    try:
+        value = int(number) * _SUFFIX[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 4096, 4K, 64M, 1G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return value
+
+
+def parse_dtype(text: str) -> np.dtype:
+    """A dtype by nccl-tests name (float, half, double, int...) or NumPy name (float32...)."""
+    name = DTYPE_NAMES.get(str(text).lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(f"bad dtype {text!r}; one of {', '.join(sorted(DTYPE_NAMES))}")
+    return np.dtype(name)
+
+
+def _whole(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return _whole(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _whole(text, 0)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def size_list(begin: int, end: int, factor: int) -> list[int]:
+    """begin, begin*factor, ... up to end inclusive (factor 1 or begin == end: just begin)."""
+    if end < begin:
+        raise CliError(f"-e ({end}) must be >= -b ({begin})")
+    sizes = [begin]
+    while factor > 1 and sizes[-1] * factor <= end:
+        sizes.append(sizes[-1] * factor)
+    return sizes
+
+
+def human(nbytes: int) -> str:
+    """4096 -> '4K', 67108864 -> '64M' (exact binary multiples only, else bytes)."""
+    for suffix in ("G", "M", "K"):
+        if nbytes % _SUFFIX[suffix] == 0:
+            return f"{nbytes // _SUFFIX[suffix]}{suffix}"
+    return str(nbytes)
+
+
+def busbw_factor(p: int) -> float:
+    """All-reduce bus bandwidth = algbw * 2(p-1)/p: the traffic per rank relative to n."""
+    return 2 * (p - 1) / p
+
+
+def interleaved(impls: dict[str, Callable[[], None]], rounds: int, iters: int, warmup: int,
+                barrier: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds per call, one figure per round for each implementation, run round-robin.
+
+    Each round runs every implementation in turn (`iters` calls, timed together), so drift
+    in the machine's load hits all of them alike. Warm-up calls come first, untimed.
+    """
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times[name].append((time.perf_counter() - t0) / iters)
+    return times
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    from mpi4py import MPI
+
+    info: dict[str, Any] = {
+        "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "numpy": np.__version__,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(), "mpi4py": _version("mpi4py"),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - optional package
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, default=float) + "\n")
+
+
+def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_atomic(path, out.getvalue())
+
+
+def check_plot_possible(path: str | None) -> None:
+    """Fail early (exit 2) when --plot is asked for and matplotlib is missing."""
+    if path is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def save_plot(path: str, draw: Callable[[Any], None]) -> None:
+    """Draw with `draw(ax)` on a fresh figure and save it as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+# --- launching ringsync-train from a benchmark (scaling, straggler) -------------------------
+
+def default_mpiexec() -> str:
+    """The mpiexec beside this Python (the venv's, from the mpich wheel), else the one on PATH."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else (shutil.which("mpiexec") or "mpiexec")
+
+
+def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) -> dict[str, Any]:
+    """Run `ringsync-train` (as python -m ringsync.train) on `nranks` ranks; return its JSON report.
+
+    Raises RuntimeError with the job's last error line if it fails or runs past `timeout`.
+    """
+    import shlex
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.json")
+        cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, "-m", "ringsync.train",
+                                      *train_args, "--quiet", "--report", report]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # One BLAS thread per rank (unless the caller says otherwise): K ranks then use K cores,
+        # and a rank's spare BLAS threads cannot starve a neighbour busy-polling in MPI.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{nranks}-rank training ran past {timeout:.0f} s") from None
+        if done.returncode != 0 or not os.path.exists(report):
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{nranks}-rank training failed (exit {done.returncode}): {last}")
+        with open(report, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def train_supports(flag: str) -> bool:
+    """Whether this ringsync-train has `flag` (features arrive on other branches)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "ringsync.train", "--help"], capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    return flag in done.stdout

@@ -1,0 +1,421 @@
+"""Barrier timing hooks: where each rank's step time goes, and what a straggler costs everyone.
+
+In synchronous data parallelism no rank can finish the all-reduce before the last one has
+joined it, so every step lasts as long as its slowest rank, and the others sit idle. This
+module splits each rank's step into three parts:
+
+    compute    everything outside synchronization: forward, backward, update, fusion packing
+    wait       from this rank's arrival at the step's first collective until the last rank arrived
+    transfer   the all-reduce itself (reported as allreduce_s)
+
+"Until the last rank arrived" seems to need clocks that agree across hosts. It does not.
+In `barrier` mode a barrier runs just before the step's first all-reduce. Nobody leaves a
+barrier before the last rank has entered it, and everybody leaves within a few message
+latencies of that moment. So rank r's time inside the barrier is its wait plus a common
+exit latency, and the rank that arrived last spent only that latency there:
+
+    wait_r = barrier_r - min over ranks (barrier)
+
+Each duration is measured on one rank's own clock; only durations cross the network. The
+error is the spread of the exit times, at most ceil(log2 p) message latencies of the
+dissemination barrier. `passive` mode sends nothing extra: it applies the same subtraction to
+the step's all-reduce time (the ring cannot finish before its last rank joins), with a larger
+error, up to one all-reduce time, because ring ranks finish at slightly different moments.
+
+Probes wrap the collective calls (collectives.py marks its all-reduce with `@probe`) and the
+trainer's steps (`begin_step`, `end_step`); nothing below the collectives knows about timing.
+The per-step durations are exchanged with ringsync's own allgather every `every` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import config
+from .context import world
+from .tree import dissemination_barrier
+
+MODES = ("off", "passive", "barrier")
+DEFAULT_MODE = "barrier"
+DEFAULT_EVERY = 100
+JITTER_KINDS = ("exp", "uniform")
+
+now = time.perf_counter     # one monotonic clock per process; never compared across ranks
+
+
+@dataclass
+class StepRecord:
+    """One rank's step. Locally wait_s is None and allreduce_s holds all synchronization time;
+    after the ranks have compared notes (a gathered record) wait_s is split out of it."""
+    step: int
+    rank: int
+    step_s: float
+    compute_s: float
+    wait_s: float | None
+    allreduce_s: float
+
+
+# --- the maths: from raw durations to compute / wait / transfer, and the straggler report ------
+
+def split_steps(step_s: np.ndarray, barrier_s: np.ndarray, collective_s: np.ndarray,
+                mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(compute, wait, transfer) per rank and step from (ranks, steps) arrays of raw durations.
+
+    The rank with the shortest time in the synchronization point arrived last: its surplus over
+    that shortest time is every other rank's wait. compute + wait + transfer = step_s.
+    """
+    basis = barrier_s if mode == "barrier" else collective_s
+    wait = basis - basis.min(axis=0, keepdims=True) if basis.size else basis.copy()
+    sync = barrier_s + collective_s
+    return step_s - sync, wait, sync - wait
+
+
+def straggler_report(step_s: np.ndarray, barrier_s: np.ndarray, collective_s: np.ndarray,
+                     mode: str) -> dict[str, Any]:
+    """The straggler report from (ranks, steps) arrays of raw per-step durations.
+
+    cost_s is the rank-seconds all ranks spent waiting; cost_fraction divides it by the
+    rank-seconds the steps took in all, i.e. the share of the run lost to waiting.
+    """
+    step_s, barrier_s, collective_s = (np.asarray(a, dtype=np.float64).reshape(np.shape(step_s))
+                                       for a in (step_s, barrier_s, collective_s))
+    if step_s.ndim != 2 or step_s.shape[0] < 1:
+        raise ValueError(f"durations must be (ranks, steps) arrays, got shape {step_s.shape}")
+    compute, wait, transfer = split_steps(step_s, barrier_s, collective_s, mode)
+    p, steps = step_s.shape
+    basis = barrier_s if mode == "barrier" else collective_s
+    # Each step's slowest rank is the one that waited least: everybody waited for it.
+    synced = (barrier_s + collective_s).max(axis=0) > 0
+    slowest = np.bincount(basis.argmin(axis=0)[synced], minlength=p) if steps else np.zeros(p, int)
+    # Overall: the rank that was slowest most often; ties go to the one that computed longest.
+    slowest_rank = int(max(range(p), key=lambda r: (slowest[r], compute[r].sum())))
+    cost = float(wait.sum())
+    total = float(step_s.sum())
+    return {
+        "ranks": [{"rank": r, "compute_s": float(compute[r].sum()), "wait_s": float(wait[r].sum()),
+                   "allreduce_s": float(transfer[r].sum()), "steps_slowest": int(slowest[r])}
+                  for r in range(p)],
+        "straggler": {"slowest_rank": slowest_rank, "cost_s": cost,
+                      "cost_fraction": cost / total if total > 0 else 0.0,
+                      "mode": mode, "steps": steps,
+                      "wall_s": float(step_s.sum(axis=1).mean()) if steps else 0.0,
+                      "wait_per_step_s": [[round(float(w), 6) for w in row] for row in wait]},
+    }
+
+
+def merge_report(doc: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+    """Put the straggler report into a report JSON document: the timing fields into each
+    doc["ranks"][i] (created if missing) and the `straggler` block at the top. Returns doc."""
+    if report is None:
+        return doc
+    rows = doc.setdefault("ranks", [])
+    rows.extend({"rank": r} for r in range(len(rows), len(report["ranks"])))
+    for row, timing_row in zip(rows, report["ranks"]):
+        row.update(timing_row)
+    doc["straggler"] = report["straggler"]
+    return doc
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The straggler report as a plain-text table (what ringsync-train prints at the end)."""
+    st, p = report["straggler"], len(report["ranks"])
+    steps = st["steps"]
+    lines = [f"straggler report: {p} rank(s), {steps} step(s), timing mode {st['mode']}",
+             f"{'rank':>5} {'compute_s':>10} {'wait_s':>10} {'allreduce_s':>12} {'steps_slowest':>14}"]
+    for row in report["ranks"]:
+        lines.append(f"{row['rank']:>5} {row['compute_s']:>10.4f} {row['wait_s']:>10.4f} "
+                     f"{row['allreduce_s']:>12.4f} {row['steps_slowest']:>14}")
+    slow = report["ranks"][st["slowest_rank"]]["steps_slowest"]
+    lines.append(f"slowest rank: {st['slowest_rank']} (the last to arrive in {slow} of {steps} steps)")
+    lines.append(f"straggler cost: {st['cost_s']:.4f} rank-seconds spent waiting = "
+                 f"{100 * st['cost_fraction']:.1f}% of {p} rank(s) x {st['wall_s']:.3f} s")
+    return "\n".join(lines)
+
+
+# --- straggler injection, for experiments ----------------------------------------------------
+
+def parse_straggler(text: str) -> tuple[int, float]:
+    """'RANK:SECONDS' -> (rank, seconds), e.g. '2:0.05'; ValueError naming the text otherwise."""
+    rank, sep, seconds = str(text).partition(":")
+    try:
+        r, s = int(rank), float(seconds)
+    except ValueError:
+        r, s = -1, -1.0
+    if not sep or r < 0 or not s >= 0 or s == float("inf"):
+        raise ValueError(f"straggler must be RANK:SECONDS with RANK >= 0 and SECONDS >= 0, got {text!r}")
+    return r, s
+
+
+def parse_jitter(text: str) -> tuple[str, float]:
+    """'exp:MEAN' (exponential) or 'uniform:MAX' (uniform on [0, MAX]) -> (kind, seconds)."""
+    kind, sep, scale = str(text).partition(":")
+    try:
+        s = float(scale)
+    except ValueError:
+        s = -1.0
+    if not sep or kind not in JITTER_KINDS or not 0 <= s < float("inf"):
+        raise ValueError(f"jitter must be exp:SECONDS or uniform:SECONDS with SECONDS >= 0, got {text!r}")
+    return kind, s
+
+
+class Delays:
+    """Sleeps added to every step's compute: a fixed one per straggler rank, plus random jitter."""
+
+    def __init__(self, rank: int, stragglers: dict[int, float] | None = None,
+                 jitter: str | None = None, seed: int = 0) -> None:
+        self.fixed = float((stragglers or {}).get(rank, 0.0))
+        self.jitter = parse_jitter(jitter) if jitter else None
+        self.rng = np.random.default_rng([seed, rank])    # reproducible, different per rank
+
+    def __bool__(self) -> bool:
+        return self.fixed > 0 or self.jitter is not None
+
+    def __call__(self) -> float:
+        seconds = self.fixed
+        if self.jitter:
+            kind, scale = self.jitter
+            seconds += self.rng.exponential(scale) if kind == "exp" else self.rng.uniform(0, scale)
+        if seconds > 0:
+            time.sleep(seconds)
+        return seconds
+
+
+# --- the recorder: one per rank, fed by the probes ---------------------------------------------
+
+class Recorder:
+    """Per-step raw durations on this rank, the spans for the timeline, and the gathered table."""
+
+    def __init__(self, mode: str, every: int, timeline: str | None) -> None:
+        self.mode, self.every, self.timeline = mode, every, timeline
+        self.step = 0
+        self.start_t: float | None = None      # None outside a step: probes then stay quiet
+        self.pending: list[tuple[float, float, float]] = []   # (step_s, barrier_s, collective_s)
+        self.blocks: list[np.ndarray] = []     # gathered (ranks, k, 3) arrays, in step order
+        self.spans: list[tuple[str, float, float, int]] = []  # (name, t0, t1, step), local clock
+
+    def begin_step(self) -> None:
+        self.start_t = now()
+        self.barrier_s = self.collective_s = 0.0
+        self.synced = False
+
+    def collective(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        t0 = now()
+        if not self.synced:                    # the step's first collective: its sync point
+            self.synced = True
+            if self.mode == "barrier":
+                dissemination_barrier(world().comm)
+                t1 = now()
+                self.barrier_s = t1 - t0
+                self._span("barrier", t0, t1)
+                t0 = t1
+        out = fn(*args, **kwargs)
+        t1 = now()
+        self.collective_s += t1 - t0
+        self._span("allreduce", t0, t1)
+        return out
+
+    def _span(self, name: str, t0: float, t1: float) -> None:
+        if self.timeline:
+            self.spans.append((name, t0, t1, self.step))
+
+    def end_step(self) -> None:
+        if self.start_t is None:
+            raise RuntimeError("timing.end_step() without a matching begin_step()")
+        t = now()
+        self._span("step", self.start_t, t)
+        row = (t - self.start_t, self.barrier_s, self.collective_s)
+        self.pending.append(row)
+        self.start_t = None
+        if _local_hooks:
+            compute = row[0] - row[1] - row[2]
+            record = StepRecord(self.step, world().rank, row[0], compute, None, row[1] + row[2])
+            for fn in _local_hooks:
+                fn(record)
+        self.step += 1
+        if self.every and len(self.pending) >= self.every:
+            self.gather()
+
+    def gather(self) -> None:
+        """Share the pending rows among ranks (ringsync's allgather), then call gathered hooks."""
+        from .collectives import allgather  # late: collectives imports this module
+        w = world()
+        mine = np.array(self.pending, dtype=np.float64).reshape(-1, 3)
+        block = allgather(mine).reshape(w.size, -1, 3)
+        self.pending.clear()
+        if not block.shape[1]:
+            return
+        self.blocks.append(block)
+        if _gathered_hooks and w.rank == 0:
+            first = self.step - block.shape[1]
+            compute, wait, transfer = split_steps(*block.transpose(2, 0, 1), self.mode)
+            for k in range(block.shape[1]):
+                records = [StepRecord(first + k, r, float(block[r, k, 0]), float(compute[r, k]),
+                                      float(wait[r, k]), float(transfer[r, k])) for r in range(w.size)]
+                for fn in _gathered_hooks:
+                    fn(records)
+
+    def table(self) -> np.ndarray:
+        """All gathered steps as one (ranks, steps, 3) array of (step_s, barrier_s, collective_s)."""
+        if not self.blocks:
+            return np.zeros((world().size, 0, 3))
+        return np.concatenate(self.blocks, axis=1)
+
+
+# --- the module-level API ----------------------------------------------------------------------
+
+_rec: Recorder | None = None
+_delays: Delays | None = None
+_local_hooks: list[Callable[[StepRecord], None]] = []
+_gathered_hooks: list[Callable[[list[StepRecord]], None]] = []
+
+
+def mode_from_env(default: str = DEFAULT_MODE) -> str:
+    """RINGSYNC_TIMING, one of off, passive, barrier."""
+    return config.env_str("RINGSYNC_TIMING", default, MODES)
+
+
+def start(mode: str | None = None, *, every: int | None = None, timeline: str | None = None,
+          stragglers: dict[int, float] | None = None, jitter: str | None = None,
+          seed: int = 0) -> None:
+    """Start recording (call on every rank after init). Defaults: RINGSYNC_TIMING,
+    RINGSYNC_TIMING_EVERY, RINGSYNC_TIMELINE. `stragglers` {rank: seconds} and `jitter`
+    ('exp:0.005') add sleeps to every step's compute, for experiments."""
+    global _rec, _delays
+    mode = mode_from_env() if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    every = config.env_int("RINGSYNC_TIMING_EVERY", DEFAULT_EVERY) if every is None else every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"every must be a whole number >= 0 (0: gather at finish only), got {every!r}")
+    timeline = config.env_str("RINGSYNC_TIMELINE", "") if timeline is None else timeline
+    if timeline and mode == "off":
+        raise ValueError(f"a timeline ({timeline}) needs timing mode passive or barrier, not off")
+    if timeline and not os.path.isdir(os.path.dirname(os.path.abspath(timeline))):
+        raise ValueError(f"timeline {timeline!r}: its folder does not exist")
+    w = world()
+    for r, s in (stragglers or {}).items():
+        if not 0 <= r < w.size or not s >= 0:
+            raise ValueError(f"straggler {r}:{s}: rank must be in [0, {w.size}) and seconds >= 0")
+    delays = Delays(w.rank, stragglers, jitter, seed)
+    _rec = Recorder(mode, every, timeline or None) if mode != "off" else None
+    _delays = delays if delays else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trainer's flags: --timing, --straggler RANK:SECONDS (repeatable), --jitter, --timeline."""
+    def checked(parse: Callable) -> Callable:
+        def check(text: str) -> Any:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return check
+    g = parser.add_argument_group("timing and straggler experiments")
+    g.add_argument("--timing", choices=MODES, default=None,
+                   help=f"how waits are measured (default RINGSYNC_TIMING or {DEFAULT_MODE})")
+    g.add_argument("--straggler", action="append", default=[], metavar="RANK:SECONDS",
+                   type=checked(parse_straggler), help="add SECONDS to every step of RANK (repeatable)")
+    g.add_argument("--jitter", metavar="DIST", type=checked(lambda t: parse_jitter(t) and t),
+                   help="random delay per step on every rank: exp:MEAN or uniform:MAX (seconds)")
+    g.add_argument("--timeline", metavar="PATH.json", default=None,
+                   help="write a Chrome/Perfetto trace, one track per rank (default RINGSYNC_TIMELINE)")
+
+
+def start_from_args(args: argparse.Namespace, fail: Callable[[str], Any]) -> None:
+    """start() from the flags add_arguments() defined; a bad setting goes to fail(message)."""
+    stragglers: dict[int, float] = {}
+    for rank, seconds in args.straggler:        # the same rank twice: the delays add up
+        stragglers[rank] = stragglers.get(rank, 0.0) + seconds
+    try:
+        start(args.timing, timeline=args.timeline, stragglers=stragglers, jitter=args.jitter,
+              seed=getattr(args, "seed", 0))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def begin_step() -> None:
+    """Mark the start of a training step (then sleep any injected delay, counted as compute)."""
+    if _rec is not None:
+        _rec.begin_step()
+    if _delays is not None:
+        _delays()
+
+
+def end_step() -> None:
+    """Mark the end of a training step; every `every` steps the ranks exchange their records."""
+    if _rec is not None:
+        _rec.end_step()
+
+
+def mark(name: str, t0: float) -> None:
+    """Record a span `name` from `t0` (a timing.now() reading) to now, for the timeline."""
+    rec = _rec
+    if rec is not None and rec.timeline and rec.start_t is not None:
+        rec.spans.append((name, t0, now(), rec.step))
+
+
+class span:
+    """`with timing.span("pack"):` marks a phase inside a step for the timeline (counted as compute)."""
+
+    __slots__ = ("name", "t0")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> span:  # noqa: PYI034
+        self.t0 = now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        mark(self.name, self.t0)
+
+
+def probe(fn: Callable) -> Callable:
+    """Decorator for a collective: inside a step, time it (and in barrier mode sync first)."""
+    @functools.wraps(fn)
+    def probed(*args: Any, **kwargs: Any) -> Any:
+        rec = _rec
+        if rec is None or rec.start_t is None:
+            return fn(*args, **kwargs)
+        return rec.collective(fn, args, kwargs)
+    return probed
+
+
+def on_step(fn: Callable, gathered: bool = False) -> Callable:
+    """Register fn(record) to run after each step on each rank with its local StepRecord, or,
+    with gathered=True, fn(records) on rank 0 with every rank's record of a step once they have
+    been exchanged (every `every` steps, and at finish). Returns fn, so it works as a decorator."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    (_gathered_hooks if gathered else _local_hooks).append(fn)
+    return fn
+
+
+def remove_hook(fn: Callable) -> None:
+    """Unregister a function given to on_step (no error if it is not registered)."""
+    for hooks in (_local_hooks, _gathered_hooks):
+        while fn in hooks:
+            hooks.remove(fn)
+
+
+def finish() -> dict[str, Any] | None:
+    """Stop recording (on every rank): gather the rest, write the timeline if asked, and return
+    the straggler report (the same dict on every rank), or None when timing is off."""
+    global _rec, _delays
+    rec, _rec, _delays = _rec, None, None
+    if rec is None:
+        return None
+    rec.gather()
+    table = rec.table()
+    report = straggler_report(table[..., 0], table[..., 1], table[..., 2], rec.mode)
+    if rec.timeline:
+        from . import timeline
+        timeline.write_merged(rec.timeline, rec.spans, report["straggler"])
+    return report

@@ -1,0 +1,82 @@
+"""The benchmark harness: size parsing, CLI errors (exit 2, one line), and tiny end-to-end runs."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mpitools import ROOT, run_mpi
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchlib as bl  # noqa: E402
+
+
+@pytest.mark.parametrize("text, value", [("4096", 4096), ("4K", 4096), ("4k", 4096), ("64M", 64 << 20),
+                                         ("1G", 1 << 30), ("8KB", 8192)])
+def test_parse_size(text, value):
+    assert bl.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "4Q", "-4K", "0", "1.5M"])
+def test_parse_size_rejects(text):
+    with pytest.raises(Exception, match="size"):
+        bl.parse_size(text)
+
+
+def test_size_list_and_busbw():
+    assert bl.size_list(4096, 65536, 4) == [4096, 16384, 65536]
+    assert bl.size_list(4096, 10000, 2) == [4096, 8192]
+    assert bl.size_list(8, 8, 1) == [8]
+    assert bl.busbw_factor(1) == 0 and bl.busbw_factor(2) == 1 and bl.busbw_factor(4) == 1.5
+    assert bl.human(4096) == "4K" and bl.human(64 << 20) == "64M" and bl.human(1000) == "1000"
+
+
+def test_dtype_names():
+    assert bl.parse_dtype("float").name == "float32" and bl.parse_dtype("half").name == "float16"
+    with pytest.raises(Exception, match="dtype"):
+        bl.parse_dtype("complex64")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("allreduce_sweep.py", ["-b", "4Q"]),
+    ("allreduce_sweep.py", ["-b", "8M", "-e", "4K"]),
+    ("allreduce_sweep.py", ["-n", "0"]),
+    ("allreduce_sweep.py", ["--impls", "nccl"]),
+    ("allreduce_sweep.py", ["-d", "bool"]),
+    ("fusion.py", ["-N", "x"]),
+    ("fusion.py", ["--thresholds", "1K,oops"]),
+    ("scaling.py", ["--ranks", "1,two"]),
+    ("straggler.py", ["--ranks", "1"]),
+    ("straggler.py", ["--ranks", "2", "--slow-rank", "5"]),
+])
+def test_bad_cli_input_exits_2_with_one_line(script, args):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_sweep_runs_and_checks_results(tmp_path):
+    out = tmp_path / "sweep.json"
+    done = run_mpi(2, [str(ROOT / "benchmarks" / "allreduce_sweep.py"), "-b", "1K", "-e", "64K", "-f", "8",
+                       "-n", "2", "-r", "2", "-w", "1", "--impls", "ringsync,teaching,mpi,ceiling",
+                       "--json", str(out), "--csv", str(tmp_path / "sweep.csv")], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["impl"] for r in rows} == {"ringsync", "teaching", "mpi", "ceiling"}
+    assert {r["size"] for r in rows} == {1024, 8192, 65536}
+    assert all(r["check"] == "ok" for r in rows if r["impl"] != "ceiling")
+    assert all(r["busbw_GBps"] == pytest.approx(r["algbw_GBps"]) for r in rows)  # 2 ranks: factor 1
+    rows_printed = [line for line in done.stdout.splitlines() if " ringsync " in line and not line.startswith("#")]
+    assert len(rows_printed) == 3  # rank 0 prints, once per size
+    assert (tmp_path / "sweep.csv").read_text().startswith("size,count,type,impl")
+
+
+def test_fusion_runs(tmp_path):
+    out = tmp_path / "fusion.json"
+    done = run_mpi(2, [str(ROOT / "benchmarks" / "fusion.py"), "-N", "8", "-S", "1K", "-n", "1", "-r", "1",
+                       "-w", "0", "--json", str(out)], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = [r["mode"] for r in json.loads(out.read_text())["results"]]
+    assert modes[:3] == ["one-by-one", "grouped", "flat"] and "grouped@8K" in modes

@@ -1,0 +1,132 @@
+"""The fast all-reduce paths (pipelined ring, recursive doubling) against the teaching ring and MPI.
+
+Every dtype, every op, odd lengths (fewer elements than ranks, chunks that do not divide),
+segments small enough that a chunk travels in many pieces, and the same bits on every rank.
+"""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpitools import assert_everywhere, same_bits_everywhere
+from ringsync import ops
+from ringsync.ring import ring_allreduce_
+from ringsync.ring_fast import choose, pipelined_ring_allreduce_, ring_plan, tuning
+from ringsync.small import recursive_doubling_allreduce_
+
+COMM = MPI.COMM_WORLD
+LENGTHS = [1, 2, 3, 5, 7, 13, 100, 1001]
+UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum}
+MPI_OP = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
+
+
+def rank_data(n, dtype, seed):
+    """Different, reproducible data on every rank; small integers so sums never overflow."""
+    rng = np.random.default_rng([seed, COMM.rank])
+    if np.dtype(dtype).kind == "f":
+        return rng.standard_normal(n).astype(dtype)
+    lo = 0 if np.dtype(dtype).kind == "u" else -20
+    return rng.integers(lo, 20, size=n).astype(dtype)
+
+
+def fast(algorithm, x, reduce, segment):
+    """Run one fast algorithm on a copy of x (fresh comm duplicate: isolated message space)."""
+    out = x.copy()
+    if algorithm == "pipelined":
+        scratch = np.empty(2 * max(1, min(segment, -(-x.size // COMM.size))), dtype=x.dtype)
+        pipelined_ring_allreduce_(out, COMM, reduce, scratch, segment)
+    else:
+        recursive_doubling_allreduce_(out, COMM, reduce, np.empty(x.size, dtype=x.dtype))
+    return out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["pipelined", "doubling"])
+@pytest.mark.parametrize("dtype", [d.name for d in ops.SUPPORTED_DTYPES])
+def test_fast_paths_match_teaching_ring_and_mpi(algorithm, dtype):
+    failures = []
+    for n in LENGTHS:
+        for op, reduce in UFUNCS.items():
+            for segment in (1, 3, 64):
+                x = rank_data(n, dtype, seed=n)
+                got = fast(algorithm, x, reduce, segment)
+                teaching = ring_allreduce_(x.copy(), COMM, reduce)
+                is_float = np.dtype(dtype).kind == "f"
+                wide = x.astype(np.float64) if is_float else x  # MPI has no float16: oracle in float64
+                oracle, scale = np.empty_like(wide), np.empty_like(wide)
+                COMM.Allreduce(wide, oracle, op=MPI_OP[op])
+                if algorithm == "pipelined" or COMM.size <= 2 or not is_float or op != "sum":
+                    # Same reduction order as the teaching ring (always for the pipelined ring;
+                    # for doubling when p <= 2 or the op is exact): identical bits.
+                    ok = np.array_equal(got.view(np.uint8), teaching.view(np.uint8))
+                else:
+                    COMM.Allreduce(np.abs(wide), scale, op=MPI.SUM)
+                    bound = 2 * COMM.size * np.finfo(dtype).eps * scale
+                    ok = bool(np.all(np.abs(got.astype(np.float64) - oracle) <= bound))
+                if not is_float or op != "sum":  # exact results: equal to MPI's
+                    ok = ok and np.array_equal(got.astype(wide.dtype), oracle)
+                if not (ok and same_bits_everywhere(got)):
+                    failures.append((n, op, segment))
+                if algorithm == "doubling":
+                    break  # segments mean nothing to doubling
+    assert_everywhere(not failures, f"{algorithm} {dtype}: wrong for (n, op, segment) {failures}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["pipelined", "doubling"])
+def test_signed_zeros_and_nans_give_the_same_bits_everywhere(algorithm):
+    # min/max of +0 and -0 (or of two NaNs) return whichever operand comes first: the
+    # algorithms must fix the operand order so every rank keeps the same bits.
+    x = np.array([0.0, -0.0, np.nan, 1.0, -np.nan, 0.0, -0.0], dtype=np.float32)
+    x = np.roll(x, COMM.rank)
+    for reduce in UFUNCS.values():
+        got = fast(algorithm, x, reduce, segment=2)
+        assert_everywhere(same_bits_everywhere(got), f"{algorithm} {reduce.__name__}: bits differ")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["auto", "doubling", "pipelined", "ring"])
+def test_front_door_honours_the_algorithm_setting(rs, monkeypatch, algorithm):
+    monkeypatch.setenv("RINGSYNC_ALLREDUCE", algorithm)
+    monkeypatch.setenv("RINGSYNC_SEGMENT_BYTES", "40")
+    tuning.cache_clear()
+    try:
+        failures = []
+        for n in (0, 1, 5, 999, 20000):
+            x = rank_data(n, "float64", seed=n)
+            oracle = np.empty_like(x)
+            COMM.Allreduce(x, oracle, op=MPI.SUM)
+            got = rs.allreduce(x, op="sum")
+            if not (np.allclose(got, oracle, rtol=1e-12) and same_bits_everywhere(got)):
+                failures.append(n)
+        assert_everywhere(not failures, f"{algorithm}: wrong for lengths {failures}")
+    finally:
+        monkeypatch.undo()
+        tuning.cache_clear()
+
+
+def test_choice_by_size_and_override():
+    settings = tuning()._replace(algorithm="auto", small_bytes=100)
+    assert choose(100, settings) == "doubling"
+    assert choose(101, settings) == "pipelined"
+    assert choose(10, settings._replace(algorithm="ring")) == "ring"
+
+
+def test_bad_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("RINGSYNC_ALLREDUCE", "fastest")
+    tuning.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="RINGSYNC_ALLREDUCE"):
+            tuning()
+    finally:
+        monkeypatch.undo()
+        tuning.cache_clear()
+
+
+def test_ring_plan_segments_cover_every_chunk_exactly():
+    for n, p, segment in [(0, 3, 4), (1, 4, 1), (10, 3, 3), (1001, 4, 64), (7, 2, 100)]:
+        chunks, segments = ring_plan(n, p, segment)
+        assert len(chunks) == len(segments) == p
+        for chunk, segs in zip(chunks, segments):
+            covered = [i for s in segs for i in range(s.start, s.stop)]
+            assert covered == list(range(chunk.start, chunk.stop))
+            assert all(s.stop - s.start <= segment for s in segs)

@@ -1,0 +1,49 @@
+"""End to end: ringsync-train with an injected straggler names it and prices its cost."""
+import json
+
+import pytest
+from mpitools import run_mpi
+
+DELAY, STEPS = 0.05, 10
+
+
+@pytest.fixture(scope="module")
+def straggler_run(tmp_path_factory):
+    """One 4-rank run with rank 2 sleeping 50 ms per step; its report and timeline."""
+    folder = tmp_path_factory.mktemp("straggler")
+    report, trace = folder / "report.json", folder / "trace.json"
+    result = run_mpi(4, ["-m", "ringsync.train", "--quiet", "--max-steps", str(STEPS),
+                         "--straggler", f"2:{DELAY}", "--timing", "barrier",
+                         "--report", str(report), "--timeline", str(trace)], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(report.read_text()), json.loads(trace.read_text())
+
+
+def test_the_straggler_is_named_and_everyone_else_waits_for_it(straggler_run):
+    doc, _ = straggler_run
+    ranks, st = doc["ranks"], doc["straggler"]
+    assert st["slowest_rank"] == 2
+    assert ranks[2]["steps_slowest"] >= STEPS - 2        # the last to arrive nearly every step
+    for r in (0, 1, 3):   # 4 ranks on 2 cores are oversubscribed: +-30% absorbs the noise
+        per_step = ranks[r]["wait_s"] / STEPS
+        assert 0.7 * DELAY < per_step < 1.3 * DELAY, (r, per_step)
+    assert ranks[2]["wait_s"] / STEPS < 0.2 * DELAY
+    assert ranks[2]["compute_s"] / STEPS > DELAY           # the sleep counts as its compute
+    assert st["cost_s"] == pytest.approx(sum(r["wait_s"] for r in ranks), rel=1e-9)
+    assert 0 < st["cost_fraction"] < 1
+
+
+def test_the_timeline_loads_with_one_track_per_rank(straggler_run):
+    _, trace = straggler_run
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in spans} == {0, 1, 2, 3}
+    waits = {r: sum(e["dur"] for e in spans if e["tid"] == r and e["name"] == "wait") for r in range(4)}
+    assert waits[2] < min(waits[0], waits[1], waits[3]) / 5
+    assert sum(e["name"] == "step" for e in spans) == 4 * STEPS
+
+
+@pytest.mark.parametrize("flag", [["--straggler", "banana"], ["--straggler", "9:0.1"], ["--jitter", "exp"]])
+def test_bad_injection_flags_exit_2_with_one_line(flag):
+    result = run_mpi(2, ["-m", "ringsync.train", "--quiet", "--max-steps", "1", *flag], timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "ringsync-train: error:" in result.stderr, result.stderr
