@@ -402,6 +402,18 @@ def transport(w: World | None = None) -> str:
     return w.backends["transport"][0]
 
 
+def force_transport(name: str | None, w: World | None = None) -> None:
+    """Use transport `name` ('cuda-aware' or 'staged') from now on; None decides afresh.
+    For tests and benchmarks that compare the two; users set RINGSYNC_CUDA_AWARE instead."""
+    w = w or world()
+    if name is None:
+        w.backends.pop("transport", None)
+    elif name in (CUDA_AWARE, STAGED):
+        w.backends["transport"] = (name, "forced")
+    else:
+        raise ValueError(f"name must be {CUDA_AWARE!r}, {STAGED!r} or None, got {name!r}")
+
+
 def staging_segment(itemsize: int) -> int:
     """Elements per staged segment: RINGSYNC_STAGING_SEGMENT bytes (default 1 MiB)."""
     return max(1, config.env_int("RINGSYNC_STAGING_SEGMENT", 1 << 20, minimum=1) // itemsize)

@@ -101,3 +101,15 @@ def test_without_a_gpu_the_reason_is_one_line():
     assert "\n" not in reason and ("CuPy" in reason)
     with pytest.raises(buffers.GPUUnavailable):
         buffers.device_count()
+
+
+@pytest.mark.mpi
+def test_force_transport(rs):
+    buffers.force_transport(buffers.CUDA_AWARE)
+    assert buffers.transport() == buffers.CUDA_AWARE
+    buffers.force_transport(buffers.STAGED)
+    assert buffers.transport() == buffers.STAGED
+    buffers.force_transport(None)
+    assert buffers.transport() in (buffers.CUDA_AWARE, buffers.STAGED)
+    with pytest.raises(ValueError, match="name must be"):
+        buffers.force_transport("nvlink")

@@ -11,7 +11,6 @@ from mpi4py import MPI
 from mpitools import assert_everywhere, same_bits_everywhere
 
 from ringsync import buffers
-from ringsync.context import world
 
 COMM = MPI.COMM_WORLD
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
@@ -32,14 +31,9 @@ def transport(request, cp):
     """Run the test once per transport; CUDA-aware only where the MPI library supports it."""
     if request.param == buffers.CUDA_AWARE and not buffers.mpi_cuda_support()[0]:
         pytest.skip(f"this MPI is not CUDA-aware ({buffers.mpi_cuda_support()[1]})")
-    w = world()
-    saved = w.backends.get("transport")
-    w.backends["transport"] = (request.param, "set by the test")
+    buffers.force_transport(request.param)
     yield request.param
-    if saved is None:
-        w.backends.pop("transport")
-    else:
-        w.backends["transport"] = saved
+    buffers.force_transport(None)
 
 
 def rank_data(shape, dtype, seed):

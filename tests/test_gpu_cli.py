@@ -1,4 +1,5 @@
-"""`ringsync-train --device gpu`: refuses cleanly without a GPU; with one, trains like the CPU.
+"""`--device gpu` on the command line: ringsync-train and the all-reduce sweep refuse cleanly
+without a GPU (exit 2, one line); with one, training matches the CPU and the sweep checks out.
 
 Subprocess MPI jobs, so these run outside mpiexec (plain pytest): `make test` runs the refusal
 check, `make test-gpu` the GPU training check.
@@ -6,13 +7,15 @@ check, `make test-gpu` the GPU training check.
 import json
 
 import pytest
-
 from mpitools import run_mpi
+
 from ringsync import buffers
 
 REASON = buffers.gpu_unavailable_reason()
 TRAIN = ["-m", "ringsync.train", "--dataset", "synthetic", "--samples", "512", "--features", "16",
          "--hidden", "32", "--epochs", "2", "--batch-size", "16", "--quiet"]
+SWEEP = ["benchmarks/allreduce_sweep.py", "--device", "gpu", "-b", "4K", "-e", "1M", "-f", "16",
+         "-n", "3", "-r", "2", "-w", "1"]
 
 
 @pytest.mark.skipif(REASON is None, reason="a GPU is usable here; this checks machines without one")
@@ -22,6 +25,25 @@ def test_device_gpu_without_a_gpu_exits_2_with_one_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ringsync-train: error: --device gpu: "), result.stderr
     assert "Traceback" not in result.stderr and "CuPy" in lines[0]
+
+
+@pytest.mark.skipif(REASON is None, reason="a GPU is usable here; this checks machines without one")
+def test_sweep_device_gpu_without_a_gpu_exits_2_with_one_line():
+    result = run_mpi(2, SWEEP, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("allreduce_sweep.py: error: --device gpu: "), result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(REASON is not None, reason=f"no GPU: {REASON}")
+def test_gpu_sweep_checks_out(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = run_mpi(2, SWEEP + ["--json", str(out)], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {r["impl"] for r in rows} >= {"staged", "mpi"}
+    assert all(r["check"] == "ok" for r in rows), [(r["impl"], r["size"], r["check"]) for r in rows]
 
 
 @pytest.mark.gpu
