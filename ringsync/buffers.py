@@ -268,9 +268,8 @@ def staged_allreduce_(buf: Any, comm: MPI.Comm, reduce: np.ufunc, dev: Stager,
     inbox_free = dev.record()
     for step in range(p - 1):
         out_i, in_i = (r - step) % p, (r - step - 1) % p
-        dev.wait(inbox_free)   # the previous step's inbox -> device copies have finished
         inbox_free = _staged_step(chunks[out_i], hchunks[out_i], chunks[in_i], inbox, landed,
-                                  comm, right, left, reduce, dev, segment)
+                                  inbox_free, comm, right, left, reduce, dev, segment)
 
     # Phase 2: all-gather. Nothing is reduced any more, so it runs on the pinned mirror; each
     # finished chunk is copied back to the device as soon as it arrives, overlapping the
@@ -288,18 +287,21 @@ def staged_allreduce_(buf: Any, comm: MPI.Comm, reduce: np.ufunc, dev: Stager,
 
 
 def _staged_step(out_dev: Any, out_host: np.ndarray, in_dev: Any, inbox: np.ndarray,
-                 landed: Any, comm: MPI.Comm, right: int, left: int, reduce: np.ufunc,
-                 dev: Stager, segment: int) -> Any:
+                 landed: Any, inbox_free: Any, comm: MPI.Comm, right: int, left: int,
+                 reduce: np.ufunc, dev: Stager, segment: int) -> Any:
     """One reduce-scatter step: send out_dev to the right, fold what comes from the left into
-    in_dev, segment by segment. Returns the event after which `inbox` may be reused."""
+    in_dev, segment by segment. `inbox` may be written once `inbox_free` is reached; returns
+    the event after which it may be written again."""
     sends, recvs = segments(out_dev.size, segment), segments(in_dev.size, segment)
     # Queue every device -> host copy at once, each followed by an event saying "ready".
     ready = []
     for a, b in sends:
         dev.to_host(out_dev[a:b], out_host[a:b])
         ready.append(dev.record())
-    # Receives first (no rank waits on another to post them), in order; one tag is enough
-    # because MPI keeps messages between two ranks on one tag in order.
+    # Post the receives (before any send, so no rank waits on another to post them) once the
+    # last step's inbox -> device copies are done; one tag is enough because MPI keeps the
+    # messages between two ranks on one tag in order.
+    dev.wait(inbox_free)
     incoming = [comm.Irecv(inbox[a:b], source=left) for a, b in recvs]
     # Send each segment as soon as its copy has landed in pinned memory.
     outgoing = []
