@@ -51,7 +51,10 @@ test-gpu: $(VENV)/.installed
 	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -rs -W ignore::pytest.PytestUnraisableExceptionWarning; \
 	done
 
-demo: demo-ring
+# Train the MLP on scikit-learn's digits over 4 ranks: loss, test accuracy, and proof that
+# every rank ends with the same parameters, bit for bit.
+demo: $(VENV)/.installed
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n 4 $(VENV)/bin/ringsync-train
 
 demo-ring: $(VENV)/.installed
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n 4 $(PY) examples/ring_demo.py

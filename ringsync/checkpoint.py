@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +60,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"--resume {path}: not an .npz checkpoint (truncated or another format)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -16,6 +16,7 @@ different samples there), so no rank can ever wait on a batch another rank does 
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class Dataset:
 def split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float = TEST_FRACTION) -> Dataset:
     """Shuffle once with a fixed seed and hold out `test_fraction` of the samples for testing."""
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
-    n_test = max(1, int(round(len(x) * test_fraction)))
+    n_test = max(1, round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     classes = int(y.max()) + 1
     return Dataset(name, x[train], y[train], x[test], y[test], classes)
@@ -80,6 +81,8 @@ def load_npz_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--data {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"--data {path}: not a readable .npz file (truncated or another format)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files]

@@ -17,6 +17,8 @@ Planning a call, in three rules:
      threshold; an array bigger than the threshold gets a bucket of its own;
   3. a bucket of one array, or of arrays adjacent in memory, is reduced where it lies;
      any other bucket is packed into the fusion buffer, reduced, and unpacked.
+A FlatBuffer's own `views` skip even the adjacency check: the buffer knows its layout, so
+a whole model's gradients cost the same as one array of the same size.
 
 The default threshold is 64 MiB (RINGSYNC_FUSION_THRESHOLD, in bytes; 0 disables fusion).
 Horovod uses 128 MiB and DDP 25 MiB buckets. 64 MiB is where one ring all-reduce is long
@@ -25,7 +27,7 @@ allocation per dtype. Smaller models (everything in ringsync's examples) fit in 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -86,20 +88,28 @@ def _root(a: np.ndarray) -> np.ndarray:
 
 
 def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
-    """A 1-D view covering `arrays` when they lie back to back in one array's memory, else None."""
+    """A 1-D view covering `arrays` when they lie back to back in one array's memory, else None.
+
+    Memory is what matters: if the arrays tile bytes [start, end) of the first one's owner
+    exactly, in order, then reducing that slice of the owner reduces each array exactly once.
+    """
     if not all((isinstance(a, np.ndarray) or is_device_array(a)) and a.flags.c_contiguous for a in arrays):
         return None
-    first = arrays[0]
-    root = _root(first)
-    if root.dtype != first.dtype or not root.flags.c_contiguous or not getattr(root.flags, "writeable", True):
+    if len({a.dtype for a in arrays}) != 1:
         return None
-    end = _address(first)
-    for a in arrays:
-        if _address(a) != end or a.dtype != root.dtype or _root(a) is not root:
+    filled = [a for a in arrays if a.size]       # empty arrays take no memory (and may point anywhere)
+    if not filled:
+        return arrays[0].reshape(-1)
+    root = _root(filled[0])
+    if root.dtype != filled[0].dtype or not root.flags.c_contiguous or not getattr(root.flags, "writeable", True):
+        return None
+    begin = end = _address(filled[0])
+    for a in filled:
+        if _address(a) != end:
             return None
         end += a.nbytes
-    start = (_address(first) - _address(root)) // root.itemsize
-    count = (end - _address(first)) // root.itemsize
+    start = (begin - _address(root)) // root.itemsize
+    count = (end - begin) // root.itemsize
     if start < 0 or start + count > root.size:
         return None
     return root.reshape(-1)[start:start + count]
@@ -138,10 +148,7 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
     total = sum(a.size for a in bucket)
     buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])
     t = timing.now()
-    offset = 0
-    for a in bucket:                                  # pack
-        buf[offset:offset + a.size] = a.reshape(-1)
-        offset += a.size
+    array_module(buf).concatenate([a.reshape(-1) for a in bucket], out=buf)   # pack: one pass
     timing.mark("pack", t)                            # (a span in --timeline traces)
     _allreduce_flat_(buf, op)
     t = timing.now()
@@ -157,12 +164,18 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     """All-reduce every array in `arrays` in place, fused into few ring all-reduces; return them.
 
     Each array must be a writeable C-contiguous NumPy array; they may differ in dtype and shape.
-    The result equals calling allreduce_ on each, bit for bit on every rank.
+    The result equals calling allreduce_ on each (exactly for integers, min and max; up to float
+    rounding for sums, whose order depends on where an element sits in the ring's chunks) and
+    is bitwise identical on every rank.
     """
     if not isinstance(arrays, (list, tuple)):
         raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
     op = ops.resolve_op(op)
     threshold = fusion_threshold(fusion_bytes)
+    if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
+        for span in arrays.owner.buckets(threshold):
+            _allreduce_flat_(span, op)
+        return list(arrays)
     arrays = [_check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
     if len({array_module(a) for a in arrays}) > 1:
         raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device arrays in separate calls")
@@ -196,23 +209,48 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
     return grouped_allreduce_(outputs, op=op, fusion_bytes=fusion_bytes)
 
 
+class FlatViews(tuple):
+    """A FlatBuffer's views: an immutable tuple that remembers its buffer (`owner`).
+
+    grouped_allreduce_ recognises it and reduces slices of the flat buffer directly, with no
+    per-array work at all: the fused all-reduce of a whole model costs what one buffer costs.
+    """
+
+    owner: FlatBuffer
+
+    def __new__(cls, views: Sequence[np.ndarray], owner: FlatBuffer) -> FlatViews:
+        self = super().__new__(cls, views)
+        self.owner = owner
+        return self
+
+
 class FlatBuffer:
     """One contiguous 1-D array handed out as shaped views, back to back.
 
-    Put a model's gradients here and fusing them costs no copy: grouped_allreduce_ sees the
-    views are adjacent and reduces `flat` (or slices of it) where it lies. `xp` is the array
-    module (NumPy, or CuPy for GPU arrays).
+    Put a model's gradients here and fusing them costs no copy: grouped_allreduce_(fb.views)
+    reduces `flat` (in slices of at most the fusion threshold) where it lies, as PyTorch DDP's
+    gradient_as_bucket_view does. `xp` is the array module (NumPy, or CuPy for GPU arrays).
     """
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: object = np.float32, xp=np) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
-        self.flat = xp.zeros(sum(sizes), dtype=dtype)
-        self.views = []
-        offset = 0
-        for shape, n in zip(self.shapes, sizes):
-            self.views.append(self.flat[offset:offset + n].reshape(shape))
-            offset += n
+        self.offsets = [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
+        self.flat = xp.zeros(self.offsets[-1], dtype=dtype)
+        ops.check_dtype(self.flat.dtype, "dtype")
+        self.views = FlatViews([self.flat[a:b].reshape(shape) for a, b, shape in
+                                zip(self.offsets, self.offsets[1:], self.shapes)], owner=self)
+        self._buckets: dict[int, list] = {}
 
     def __len__(self) -> int:
         return len(self.views)
+
+    def buckets(self, threshold: int) -> list:
+        """Slices of `flat` covering its views, grouped as plan_buckets groups them (cached)."""
+        if threshold not in self._buckets:
+            itemsize = self.flat.dtype.itemsize
+            sizes = [(b - a) * itemsize for a, b in zip(self.offsets, self.offsets[1:])]
+            plan = plan_buckets(sizes, [self.flat.dtype] * len(sizes), threshold)
+            self._buckets[threshold] = [self.flat[self.offsets[b[0]]:self.offsets[b[-1] + 1]]
+                                        for b in plan]
+        return self._buckets[threshold]

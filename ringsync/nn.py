@@ -9,11 +9,11 @@ Shapes: a batch x is (n, features); a Linear layer holds W (in, out) and b (out,
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from .fusion import FlatBuffer
+from .fusion import FlatBuffer, FlatViews
 
 
 class Params:
@@ -40,13 +40,13 @@ class Params:
         """All gradients as one flat array (views in `grad` share its memory)."""
         return self._grads.flat
 
-    def grads(self) -> list:
-        """The gradient views, in order: back to back in memory."""
-        return [self.grad[n] for n in self.names]
+    def grads(self) -> FlatViews:
+        """The gradient views, in order: back to back in memory (fusion reduces them with no copy)."""
+        return self._grads.views
 
-    def values(self) -> list:
+    def values(self) -> FlatViews:
         """The parameter views, in order: back to back in memory."""
-        return [self.value[n] for n in self.names]
+        return self._values.views
 
 
 class Linear:

@@ -8,7 +8,7 @@ runs one fused ring all-reduce over the gradients before each step.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

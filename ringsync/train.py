@@ -19,16 +19,26 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 import numpy as np
 
 import ringsync as rs
+
 from . import buffers, timing
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import (DataError, Dataset, epoch_permutation, load_digits_dataset, load_npz_dataset,
-                   shard_indices, steps_per_epoch, synthetic_dataset)
+from .data import (
+    DataError,
+    Dataset,
+    epoch_permutation,
+    load_digits_dataset,
+    load_npz_dataset,
+    shard_indices,
+    steps_per_epoch,
+    synthetic_dataset,
+)
 from .nn import MLP
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
 

@@ -103,6 +103,7 @@ def install() -> types.ModuleType:
         else _wrap(np.array(a, dtype=dtype, copy=True))   # host -> "device" is a copy
     cp.array = lambda a, dtype=None, copy=True, order="K": _wrap(np.array(a, dtype=dtype, copy=copy, order=order))
     cp.ascontiguousarray = lambda a, dtype=None: _wrap(np.ascontiguousarray(a, dtype=dtype))
+    cp.concatenate = lambda arrays, axis=0, out=None: np.concatenate(arrays, axis=axis, out=out)
     cp.asnumpy = lambda a: np.array(np.asarray(a).view(np.ndarray), copy=True)
     runtime = types.SimpleNamespace(
         getDeviceCount=lambda: 1, memcpyAsync=_memcpy_async, memcpyHostToDevice=1,

@@ -74,7 +74,11 @@ def collectives() -> list[str]:
         expected = rs.grouped_allreduce(host, op="average")
         got = rs.grouped_allreduce([cp.asarray(h) for h in host], op="average", fusion_bytes=64)
         if not all(same(g, e, exact=False) for g, e in zip(got, expected)):
-            bad.append(f"{transport} grouped_allreduce (packed)")
+            bad.append(f"{transport} grouped_allreduce")
+        separate = [cp.asarray(h) for h in host]     # not adjacent: packed into the fusion buffer
+        rs.grouped_allreduce_(separate, op="average", fusion_bytes=1 << 20)
+        if not all(same(g, e, exact=False) for g, e in zip(separate, expected)):
+            bad.append(f"{transport} grouped_allreduce_ (packed)")
         flat = FlatBuffer(shapes, np.float32, xp=cp)
         for view, h in zip(flat.views, host):
             view[...] = cp.asarray(h)

@@ -120,11 +120,15 @@ def test_fusion_on_gpu(rs, cp):
     shapes = [(3, 4), (5,), (), (0,), (257, 3)]
     host = [rank_data(s, "float32", seed=i) for i, s in enumerate(shapes)]
     expected = rs.grouped_allreduce([h for h in host], op="average")
-    # Out of place: separate device arrays, packed into the fusion buffer.
     got = rs.grouped_allreduce([cp.asarray(h) for h in host], op="average", fusion_bytes=1024)
     ok = all(isinstance(g, cp.ndarray) and np.allclose(cp.asnumpy(g), e, rtol=1e-5, atol=1e-6)
              for g, e in zip(got, expected))
     assert_everywhere(ok, "grouped_allreduce on CuPy arrays differs from NumPy")
+    # In place on separate device arrays: packed into the (device) fusion buffer.
+    separate = [cp.asarray(h) for h in host]
+    rs.grouped_allreduce_(separate, op="average")
+    ok = all(np.allclose(cp.asnumpy(g), e, rtol=1e-5, atol=1e-6) for g, e in zip(separate, expected))
+    assert_everywhere(ok, "grouped_allreduce_ packing CuPy arrays differs from NumPy")
     # In place on views of one device buffer: reduced where they lie, no packing.
     flat = FlatBuffer(shapes, np.float32, xp=cp)
     for view, h in zip(flat.views, host):

@@ -1,0 +1,83 @@
+"""Fusion planning and memory adjacency: pure logic, no MPI."""
+import numpy as np
+import pytest
+
+from ringsync.fusion import FlatBuffer, contiguous_span, fusion_threshold, plan_buckets
+
+F32, F64, I32 = np.dtype("float32"), np.dtype("float64"), np.dtype("int32")
+
+
+def test_buckets_fill_up_to_the_threshold_in_order():
+    assert plan_buckets([4, 4, 4, 4, 4], [F32] * 5, 8) == [[0, 1], [2, 3], [4]]
+    assert plan_buckets([4, 4, 4], [F32] * 3, 100) == [[0, 1, 2]]
+
+
+def test_zero_threshold_gives_one_bucket_per_array():
+    assert plan_buckets([4, 0, 8], [F32] * 3, 0) == [[0], [1], [2]]
+
+
+def test_oversized_array_goes_alone_and_dtypes_never_mix():
+    assert plan_buckets([4, 100, 4, 4], [F32] * 4, 10) == [[0], [1], [2, 3]]
+    assert plan_buckets([4, 8, 4, 8], [F32, F64, F32, F64], 64) == [[0, 2], [1, 3]]
+    plan = plan_buckets([4, 8, 4], [F32, I32, F32], 64)
+    assert plan == [[0, 2], [1]]
+
+
+def test_every_index_planned_exactly_once():
+    rng = np.random.default_rng(0)
+    sizes = list(rng.integers(0, 50, 40))
+    dtypes = [[F32, F64, I32][i] for i in rng.integers(0, 3, 40)]
+    plan = plan_buckets(sizes, dtypes, 60)
+    assert sorted(i for b in plan for i in b) == list(range(40))
+    for b in plan:
+        assert len({dtypes[i] for i in b}) == 1
+        assert len(b) == 1 or sum(sizes[i] for i in b) <= 60
+
+
+def test_flat_buffer_views_are_adjacent_and_share_memory():
+    fb = FlatBuffer([(2, 3), (4,), (), (0,)], np.float32)
+    assert fb.flat.size == 6 + 4 + 1
+    span = contiguous_span(fb.views)
+    assert span is not None and span.size == fb.flat.size
+    span[...] = np.arange(span.size)
+    assert fb.views[1].tolist() == [6, 7, 8, 9] and float(fb.views[2]) == 10
+    assert contiguous_span(fb.views[1:3]).tolist() == [6, 7, 8, 9, 10]
+
+
+def test_span_of_a_middle_run():
+    fb = FlatBuffer([(3,), (2,), (4,)], np.float64)
+    fb.flat[...] = np.arange(9)
+    span = contiguous_span(fb.views[1:])
+    assert span.tolist() == [3, 4, 5, 6, 7, 8]
+
+
+def test_not_adjacent_means_no_span():
+    a, b = np.zeros(3), np.zeros(3)
+    assert contiguous_span([a, b]) is None
+    fb = FlatBuffer([(3,), (2,), (4,)], np.float64)
+    assert contiguous_span([fb.views[0], fb.views[2]]) is None      # a gap
+    assert contiguous_span([fb.views[1], fb.views[0]]) is None      # wrong order
+    assert contiguous_span([np.zeros((4, 4))[:, 0]]) is None         # not contiguous
+
+
+def test_threshold_argument_and_environment(monkeypatch):
+    monkeypatch.delenv("RINGSYNC_FUSION_THRESHOLD", raising=False)
+    assert fusion_threshold() == 64 * 2**20
+    monkeypatch.setenv("RINGSYNC_FUSION_THRESHOLD", "1024")
+    assert fusion_threshold() == 1024 and fusion_threshold(0) == 0
+    monkeypatch.setenv("RINGSYNC_FUSION_THRESHOLD", "-1")
+    with pytest.raises(ValueError, match="RINGSYNC_FUSION_THRESHOLD"):
+        fusion_threshold()
+    with pytest.raises(ValueError, match="fusion_bytes"):
+        fusion_threshold(-5)
+    with pytest.raises(TypeError, match="fusion_bytes"):
+        fusion_threshold(1.5)
+
+
+def test_flat_buffer_buckets_follow_the_plan():
+    fb = FlatBuffer([(2,), (2,), (4,), (1,)], np.float32)        # 8, 8, 16, 4 bytes
+    assert [b.size for b in fb.buckets(16)] == [4, 4, 1]
+    assert [b.size for b in fb.buckets(0)] == [2, 2, 4, 1]
+    assert [b.size for b in fb.buckets(1 << 20)] == [9]
+    assert all(np.shares_memory(b, fb.flat) for b in fb.buckets(16))
+    assert isinstance(fb.views, tuple) and fb.views.owner is fb

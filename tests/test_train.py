@@ -1,0 +1,151 @@
+"""ringsync-train end to end, as subprocess MPI jobs (each one under a timeout).
+
+The central claim: p ranks with per-rank batch B train exactly like 1 rank with batch p*B.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mpitools import ROOT, run_mpi
+
+TRAIN = ["-m", "ringsync.train", "--quiet"]
+
+
+def train(nranks, tmp_path, tag, *flags, timeout=120):
+    """Run ringsync-train; return (parameters by name, report dict)."""
+    save, report = tmp_path / f"{tag}.npz", tmp_path / f"{tag}.json"
+    args = [*TRAIN, *flags]
+    if "--save" not in flags:
+        args += ["--save", str(save)]
+    result = run_mpi(nranks, [*args, "--report", str(report)], timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(flags[flags.index("--save") + 1] if "--save" in flags else save) as f:
+        params = {k: f[k] for k in f.files if k != "meta" and not k.startswith("optimizer/")}
+    return params, json.loads(report.read_text())
+
+
+def rel_err(a, b):
+    num = sum(float(((a[k].astype(np.float64) - b[k]) ** 2).sum()) for k in a)
+    den = sum(float((b[k].astype(np.float64) ** 2).sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+def test_p_ranks_with_batch_b_equal_one_rank_with_batch_pb(tmp_path):
+    steps = ["--max-steps", "40", "--seed", "3"]
+    ref, _ = train(1, tmp_path, "p1", "--batch-size", "64", *steps)
+    for p in (2, 4):
+        got, report = train(p, tmp_path, f"p{p}", "--batch-size", str(64 // p), *steps)
+        assert report["world_size"] == p and report["global_batch"] == 64 and report["steps"] == 40
+        assert report["params_identical_across_ranks"] is True
+        assert set(got) == set(ref)
+        assert rel_err(got, ref) <= 1e-4, (p, rel_err(got, ref))
+    # and a different global batch is a different training run: the comparison can fail
+    other, _ = train(1, tmp_path, "b32", "--batch-size", "32", *steps)
+    assert rel_err(other, ref) > 1e-2
+
+
+def test_default_digits_run_on_4_ranks_learns_and_stays_identical(tmp_path):
+    report_path = tmp_path / "r.json"
+    result = run_mpi(4, ["-m", "ringsync.train", "--report", str(report_path)], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["test_accuracy"] >= 0.95, report["test_accuracy"]
+    assert report["params_identical_across_ranks"] is True
+    assert [r["rank"] for r in report["ranks"]] == [0, 1, 2, 3]
+    for key in ("world_size", "steps", "epochs", "global_batch", "final_loss", "samples_per_second"):
+        assert key in report
+    assert "parameters bitwise identical on all 4 rank(s): yes" in result.stdout
+    assert result.stdout.count("test accuracy") == 1           # the summary is printed by rank 0 only
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["--batch-size", "32", "--seed", "1"]
+    straight, _ = train(2, tmp_path, "straight", "--epochs", "2", *common)
+    ckpt = str(tmp_path / "ckpt.npz")
+    train(2, tmp_path, "first", "--epochs", "1", "--save", ckpt, *common)
+    with np.load(ckpt) as f:
+        meta = json.loads(str(f["meta"]))
+        assert meta["epoch"] == 1 and meta["step_in_epoch"] == 0
+        assert "optimizer/fc0.weight" in f.files and np.abs(f["optimizer/fc0.weight"]).max() > 0
+    resumed, report = train(2, tmp_path, "second", "--epochs", "2", "--resume", ckpt,
+                            "--save", ckpt, *common)
+    assert report["resumed_from_step"] == meta["step"] and report["steps"] == 2 * meta["step"]
+    assert max(float(np.abs(resumed[k] - straight[k]).max()) for k in straight) <= 1e-6
+    # mid-epoch, through --save-every: stop at step 30 (of 44), resume to the end
+    mid = str(tmp_path / "mid.npz")
+    train(2, tmp_path, "mid1", "--epochs", "2", "--max-steps", "30", "--save", mid, "--save-every", "7", *common)
+    with np.load(mid) as f:
+        assert json.loads(str(f["meta"]))["step"] == 30
+    resumed, _ = train(2, tmp_path, "mid2", "--epochs", "2", "--resume", mid, "--save", mid, *common)
+    assert max(float(np.abs(resumed[k] - straight[k]).max()) for k in straight) <= 1e-6
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "ringsync.train", "--quiet", *args], cwd=ROOT, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--dataset", "nope"], "--dataset"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--hidden", "64,x"], "--hidden"),
+    (["--lr", "nan"], "--lr"),
+    (["--save-every", "3"], "--save-every"),
+    (["--data", "a.npz", "--dataset", "digits"], "either"),
+    (["--save", "/no/such/folder/x.npz"], "does not exist"),
+    (["--batch-size", "5000"], "exceeds"),
+])
+def test_bad_command_lines_exit_2_with_one_line(args, words):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringsync-train: error:") and words in lines[0]
+
+
+def test_missing_or_corrupt_files_fail_clearly_and_overwrite_nothing(tmp_path):
+    result = cli("--resume", str(tmp_path / "missing.npz"))
+    assert result.returncode == 2 and "no such file" in result.stderr and "Traceback" not in result.stderr
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 half a zip file")
+    result = cli("--resume", str(corrupt), "--save", str(corrupt), "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(corrupt) in result.stderr
+    assert corrupt.read_bytes() == b"PK\x03\x04 half a zip file" and not (tmp_path / "r.json").exists()
+    np.savez(tmp_path / "nolabels.npz", X=np.zeros((10, 3)))
+    result = cli("--data", str(tmp_path / "nolabels.npz"))
+    assert result.returncode == 2 and "missing array(s) y" in result.stderr
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    ckpt = tmp_path / "c.npz"
+    r = cli("--max-steps", "2", "--save", str(ckpt))
+    assert r.returncode == 0, r.stderr
+    before = ckpt.read_bytes()
+    r = cli("--max-steps", "4", "--resume", str(ckpt), "--save", str(ckpt), "--hidden", "32")
+    assert r.returncode == 2 and "sizes" in r.stderr and "Traceback" not in r.stderr
+    assert ckpt.read_bytes() == before
+
+
+def test_own_data_file_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4))
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "mine.npz", X=x, y=y)
+    report = tmp_path / "r.json"
+    r = cli("--data", str(tmp_path / "mine.npz"), "--epochs", "5", "--batch-size", "16",
+            "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(report.read_text())
+    assert got["dataset"] == "mine" and got["test_accuracy"] > 0.85
+
+
+def test_horovod_style_example_runs():
+    result = run_mpi(2, ["examples/train_mlp.py"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model identical on every rank: True" in result.stdout
+    accuracy = float(result.stdout.split("accuracy ")[-1].split(";")[0])
+    assert accuracy > 0.95
