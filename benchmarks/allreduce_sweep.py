@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import os
 import socket
-import zlib
 import sys
-from typing import Callable
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as bl  # noqa: E402
-import gpu_impls  # noqa: E402
+import benchlib as bl
+import gpu_impls
 
 IMPLS = ("ringsync", "teaching", "mpi", "gloo", "ceiling")
 

@@ -12,7 +12,8 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -267,7 +268,7 @@ def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) 
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, "1")
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{nranks}-rank training ran past {timeout:.0f} s") from None
         if done.returncode != 0 or not os.path.exists(report):
@@ -281,7 +282,7 @@ def train_supports(flag: str) -> bool:
     """Whether this ringsync-train has `flag` (features arrive on other branches)."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "ringsync.train", "--help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "ringsync.train", "--help"], capture_output=True, check=False,
                           text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")))

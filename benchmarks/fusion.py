@@ -5,6 +5,8 @@
   one-by-one  rs.allreduce_ on each array: N all-reduces, N latencies
   grouped     rs.grouped_allreduce_ on N separate arrays: packed into fusion buckets
               (default threshold), reduced, unpacked
+  grouped-views  the same on N adjacent views of one rs.FlatBuffer (as the trainer's
+              gradients): reduced where they lie, no packing
   flat        rs.allreduce_ on one buffer of N*S bytes: the bound fusion aims at
 and a threshold sweep: grouped with fusion thresholds from S up to N*S, showing how many
 buckets pay off. All run interleaved (round-robin per round); medians over rounds.
@@ -17,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as bl  # noqa: E402
+import benchlib as bl
 
 
 def parse_args(argv: list[str] | None = None):
@@ -65,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     count = args.size // args.datatype.itemsize
     arrays = [np.full(count, 1, dtype=args.datatype) for _ in range(args.tensors)]  # separate allocations
     flat = np.full(count * args.tensors, 1, dtype=args.datatype)
+    views = rs.FlatBuffer([(count,)] * args.tensors, dtype=args.datatype)  # adjacent: fused with no copy
+    views.flat[...] = 1
     impls = {
         "one-by-one": lambda: [rs.allreduce_(a) for a in arrays],
         "grouped": lambda: rs.grouped_allreduce_(arrays),
+        "grouped-views": lambda: rs.grouped_allreduce_(views.views),
         "flat": lambda: rs.allreduce_(flat),
     }
     for t in args.thresholds:
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in impls:
         threshold = None
         if name.startswith("grouped@"):
-            threshold = args.thresholds[list(impls).index(name) - 3]
+            threshold = args.thresholds[list(impls).index(name) - 4]
         rows.append({"mode": name, "threshold_bytes": threshold, "tensors": args.tensors,
                      "bytes_each": args.size, "ranks": p, "time_ms": med[name] * 1e3,
                      "min_ms": float(np.min(worst[name])) * 1e3,

@@ -432,24 +432,24 @@ def _synced(ufunc: Any, stream: Any) -> Callable[..., None]:
     return reduce
 
 
-def allreduce_device_(flat: Any, op: str) -> None:
-    """allreduce of the contiguous 1-D CuPy array `flat`, in place, by either transport."""
+def allreduce_device_(flat: Any, op: str, contributors: int = 0) -> None:
+    """allreduce of the contiguous 1-D CuPy array `flat`, in place, by either transport.
+    An average divides by `contributors` (default: every rank)."""
     cp, w = array_module(flat), world()
     with flat.device:
         dev = _cupy_device(w, cp)
         if w.size > 1 and flat.size:
             if transport(w) == CUDA_AWARE:
                 dev.stream.synchronize()   # the user's kernels writing `flat` must be done
-                scratch = dev.scratch("device", chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
+                # ring.py receives into two halves of scratch, in turn
+                scratch = dev.scratch("device", 2 * chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
                 ring_allreduce_(flat, w.comm, _synced(getattr(cp, ops.OPS[op].__name__), dev.stream),
                                 scratch=scratch)
             else:
                 staged_allreduce_(flat, w.comm, ops.OPS[op], dev, staging_segment(flat.itemsize))
         if op == ops.Average:
-            if flat.dtype.kind in "iu":
-                cp.floor_divide(flat, w.size, out=flat)
-            else:
-                cp.divide(flat, w.size, out=flat)
+            divide = cp.floor_divide if flat.dtype.kind in "iu" else cp.divide
+            divide(flat, contributors or w.size, out=flat)
 
 
 def broadcast_device_(flat: Any, root: int) -> None:

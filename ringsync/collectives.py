@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import buffers, ops, timing
+from . import buffers, join, ops, timing
+from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
 from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
 from .ring_fast import choose, pipelined_ring_allreduce_, tuning
@@ -44,50 +45,134 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
+def _refuse(exc: BaseException) -> None:
+    """This rank's arguments are wrong: make the other ranks' matching call fail too (they
+    would otherwise wait for this rank forever); the caller then raises `exc`."""
+    world().checker.refuse(exc)
+
+
 @timing.probe   # times the call inside a training step; nothing below here knows about timing
-def _allreduce_flat_(flat: np.ndarray, op: str) -> None:
+def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
+                     contributors: int = 0) -> None:
     """All-reduce a contiguous 1-D buffer, then the average's division if asked.
 
     The algorithm goes by size (ring_fast.choose; README: RINGSYNC_ALLREDUCE and friends):
     recursive doubling for small buffers (fewest messages), the pipelined ring for the rest
     (least traffic), or the teaching ring of ring.py when asked. All give the same bits on all ranks.
+    `guard` checks cross-rank agreement on the way (agreement.py); `contributors` is the
+    number of ranks whose data counts for an average (join.py), all of them by default.
     """
-    if buffers.is_device_array(flat):
-        return buffers.allreduce_device_(flat, op)   # GPU: CUDA-aware MPI or pinned staging
     w = world()
+    if buffers.is_device_array(flat):
+        return _allreduce_device_(flat, op, guard, contributors)
     if w.size > 1 and flat.size:
         settings = tuning()
         algorithm, reduce = choose(flat.nbytes, settings), ops.OPS[op]
         if algorithm == "doubling":
-            recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(flat.size, flat.dtype))
+            recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(flat.size, flat.dtype), guard)
         elif algorithm == "pipelined":
             largest_chunk = -(-flat.size // w.size)
             segment = max(1, settings.segment_bytes // flat.itemsize)
             pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(2 * min(segment, largest_chunk),
-                                                                      flat.dtype), segment)
+                                                                      flat.dtype), segment, guard)
         else:
             largest_chunk = chunk_bounds(flat.size, w.size)[0][1]
-            ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(largest_chunk, flat.dtype))
+            ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(2 * largest_chunk, flat.dtype),
+                            guard=guard)
+    elif guard is not None:
+        guard.agree(w.comm)         # no data, but the ranks must still agree
+    if guard is not None and guard.bad:
+        return join.redo_allreduce_(flat, op, guard)   # raises on every rank, unless joined
     if op == ops.Average:
-        ops.finish_average_(flat, w.size)
+        ops.finish_average_(flat, contributors or w.size)
 
 
-def allreduce(x: object, op: str = ops.Sum) -> np.ndarray:
+def _allreduce_device_(flat, op: str, guard: Checker | None, contributors: int) -> None:
+    """A CuPy buffer: agree first (as an empty call does), then CUDA-aware MPI or pinned staging."""
+    if guard is not None:
+        guard.agree(world().comm)
+        if guard.bad:   # ranks have joined (join.py) and take part on the host path: so do we
+            host = buffers.array_module(flat).asnumpy(flat)
+            join.redo_allreduce_(host, op, guard)      # (or raises on every rank)
+            flat.set(host)
+            return
+    buffers.allreduce_device_(flat, op, contributors or world().size)
+
+
+def _check_finite(flat: np.ndarray, guard: Checker | None, name: str | None) -> None:
+    """RINGSYNC_CHECK_FINITE: a NaN/Inf here fails this call on every rank, naming this one."""
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        if guard is None:   # a single rank
+            raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or Inf in "
+                                     f"the input on rank {world().rank}")
+        guard.poison(NONFINITE)
+
+
+def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks and return the result as a new array.
 
     `x` is left untouched; any shape and layout is accepted. Every rank gets the same bits.
+    `name` labels the tensor in error messages (and must then agree across ranks).
     """
-    op = ops.resolve_op(op)
-    out = buffers.contiguous_copy(_as_array(x, "x"))
-    _allreduce_flat_(out.reshape(-1), op)
+    try:
+        op = ops.resolve_op(op)
+        out = buffers.contiguous_copy(_as_array(x, "x"))
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    _reduce_(out.reshape(-1), op, out.shape, name)
     return out
 
 
-def allreduce_(x: np.ndarray, op: str = ops.Sum) -> np.ndarray:
+def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
-    op = ops.resolve_op(op)
-    _allreduce_flat_(_check_inplace(x, "x").reshape(-1), op)
+    try:
+        op = ops.resolve_op(op)
+        flat = _check_inplace(x, "x")
+        flat = flat if flat.ndim == 1 else flat.reshape(-1)   # reshape costs ~0.1 us; skip it
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    _reduce_(flat, op, x.shape, name)
     return x
+
+
+def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...],
+                     name: str | None = None) -> np.ndarray:
+    """Reduce a fusion buffer holding tensors of `shapes`, packed, in place; return it.
+
+    Like allreduce_, but the agreement check also covers the number of tensors and their
+    shapes, so ranks that packed different groups raise instead of mixing them up.
+    """
+    try:
+        op = ops.resolve_op(op)
+        flat = _check_inplace(flat, "flat")
+        if flat.ndim != 1:
+            raise ValueError(f"flat must be 1-D, got shape {flat.shape}")
+        layout = hash(tuple(tuple(int(d) for d in s) for s in shapes))
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    _reduce_(flat, op, flat.shape, name, len(shapes), layout)
+    return flat
+
+
+def _reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None, group: int = 1,
+             layout: int = 0) -> None:
+    """Fingerprint the call (agreement.py), check finiteness if asked, reduce `flat`."""
+    checker = world().checker
+    guard = checker.arm(ALLREDUCE, op, flat.dtype, shape, -1, group, layout, name)
+    if checker.finite:
+        _check_finite(flat, guard, name)
+    _allreduce_flat_(flat, op, guard)
+
+
+def _check_name(name: object) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
 
 
 def _check_root(root: object) -> int:
@@ -99,35 +184,71 @@ def _check_root(root: object) -> int:
     return int(root)
 
 
-def broadcast_(x: np.ndarray, root: int = 0) -> np.ndarray:
+def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
-    root = _check_root(root)
-    if buffers.is_device_array(_check_inplace(x, "x")):
-        buffers.broadcast_device_(x.reshape(-1), root)
+    try:
+        root = _check_root(root)
+        _check_inplace(x, "x")
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    return _broadcast_(x, root, name)
+
+
+def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
+    """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
+    try:
+        root = _check_root(root)
+        out = buffers.contiguous_copy(_as_array(x, "x"))
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    return _broadcast_(out, root, name)
+
+
+def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
+    w = world()
+    guard = w.checker.arm(BROADCAST, "", x.dtype, x.shape, root, 1, 0, name)
+    if guard is not None:
+        guard.agree(w.comm)
+        if guard.bad:
+            guard.settle()    # raises on every rank, unless ranks have joined: then go on
+    if buffers.is_device_array(x):
+        buffers.broadcast_device_(x.reshape(-1), root)   # same tree, same messages
     else:
-        tree_broadcast_(x.reshape(-1), world().comm, root)
+        tree_broadcast_(x.reshape(-1), w.comm, root)
     return x
 
 
-def broadcast(x: object, root: int = 0) -> np.ndarray:
-    """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
-    out = buffers.contiguous_copy(_as_array(x, "x"))
-    return broadcast_(out, root)
-
-
-def allgather(x: object) -> np.ndarray:
+def allgather(x: object, name: str | None = None) -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order, on every rank.
 
     First dimensions may differ between ranks (as in Horovod); the rest of the shape and the
     dtype must agree, or every rank raises ValueError.
     """
-    xp = buffers.array_module(x)
-    arr = xp.ascontiguousarray(_as_array(x, "x"))
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
+    try:
+        arr = buffers.array_module(x).ascontiguousarray(_as_array(x, "x"))
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim > _MAX_NDIM:
+            raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
+        _check_name(name)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
+    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], -1, 1, 0, name)
+    return _allgather(arr, guard)
+
+
+def _allgather(arr: np.ndarray, guard: Checker | None) -> np.ndarray:
     w = world()
-    rows = _exchange_layouts(arr)
+    rows = _exchange_layouts(arr, guard)
+    if rows is None:                        # some ranks have joined: redone without them
+        return _allgather(arr, None)
     firsts = rows[:, 0]
+    xp = buffers.array_module(arr)
     out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
     flat = out.reshape(-1)
@@ -137,23 +258,27 @@ def allgather(x: object) -> np.ndarray:
     if xp is np:
         ring_allgather_(blocks, w.comm, owned=w.rank)
     else:
-        buffers.allgather_device_(blocks, owned=w.rank)
+        buffers.allgather_device_(blocks, owned=w.rank)   # same ring, same messages
     return out
 
 
 _MAX_NDIM = 8
 
 
-def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
-    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash."""
+def _exchange_layouts(arr: np.ndarray, guard: Checker | None) -> np.ndarray | None:
+    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash.
+
+    Returns None if the guard found that some ranks have joined (join.py).
+    """
     w = world()
-    if arr.ndim > _MAX_NDIM:
-        raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
     rows = np.zeros((w.size, 3 + _MAX_NDIM), dtype=np.int64)
     mine = rows[w.rank]
     mine[:3] = arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim
     mine[3:3 + arr.ndim - 1] = arr.shape[1:]
-    ring_allgather_(list(rows), w.comm, owned=w.rank)
+    ring_allgather_(list(rows), w.comm, owned=w.rank, guard=guard)
+    if guard is not None and guard.bad:
+        guard.settle()          # raises on every rank, unless ranks have joined
+        return None
     agreed = (rows[:, 1:] == rows[0, 1:]).all(axis=1)
     if not agreed.all():
         def layout(r: int) -> str:
@@ -166,4 +291,13 @@ def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
 
 def barrier() -> None:
     """Block until every rank has called barrier()."""
-    dissemination_barrier(world().comm)
+    w = world()
+    guard = w.checker.arm(BARRIER)
+    if guard is None:
+        dissemination_barrier(w.comm)
+        return
+    # Guarded: p-1 empty ring steps. They are a barrier too (each rank hears, hop by hop,
+    # from every other), one more round than the dissemination barrier's log2(p) on 4 ranks.
+    guard.agree(w.comm)
+    if guard.bad:
+        guard.settle()          # raises on every rank, unless ranks have joined

@@ -6,11 +6,14 @@ small scratch-buffer cache tied to it.
 from __future__ import annotations
 
 import sys
+import threading
 import traceback
 from types import TracebackType
 
 import numpy as np
 from mpi4py import MPI
+
+from . import agreement, config, stall
 
 
 class World:
@@ -25,6 +28,12 @@ class World:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self._scratch: dict[np.dtype, np.ndarray] = {}
+        # MPI errors as exceptions (the agreement check catches truncation), then the
+        # cross-rank agreement check and the stall inspector's watchdog thread.
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.checker = agreement.Checker(self.comm, config.env_bool("RINGSYNC_CHECK_AGREEMENT", True),
+                                         config.env_bool("RINGSYNC_CHECK_FINITE", False))
+        self.inspector = stall.start(self)
         # buffers.py keeps its per-device scratch caches and the transport decision here.
         self.backends: dict[object, object] = {}
 
@@ -37,6 +46,8 @@ class World:
         return buf[:count]
 
     def free(self) -> None:
+        if self.inspector is not None:
+            self.inspector.stop()
         for c in (self.local_comm, self.comm):
             if c != MPI.COMM_NULL:
                 c.Free()
@@ -116,13 +127,23 @@ _previous_hook = None
 
 
 def _abort_on_uncaught(exc_type: type[BaseException], exc: BaseException,
-                       tb: TracebackType | None) -> None:
+                       tb: TracebackType | None, where: str = "") -> None:
     r, n = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     text = "".join(traceback.format_exception(exc_type, exc, tb))
-    sys.stderr.write(f"ringsync: uncaught exception on rank {r} of {n}; aborting the job\n{text}")
+    # One write, so the traceback appears once and whole even when ranks' output interleaves.
+    sys.stderr.write(f"ringsync: uncaught exception on rank {r} of {n}{where}; "
+                     f"aborting the job\n{text}")
     sys.stderr.flush()
     sys.stdout.flush()
     MPI.COMM_WORLD.Abort(1)
+
+
+def _abort_on_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    # A thread that dies would leave its rank's part of the job undone: the same abort.
+    if args.exc_type is SystemExit:
+        return
+    _abort_on_uncaught(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback,
+                       where=f" (thread {args.thread.name if args.thread else '?'})")
 
 
 def _install_abort_hook() -> None:
@@ -130,3 +151,4 @@ def _install_abort_hook() -> None:
     if sys.excepthook is not _abort_on_uncaught:
         _previous_hook = sys.excepthook
         sys.excepthook = _abort_on_uncaught
+    threading.excepthook = _abort_on_uncaught_in_thread

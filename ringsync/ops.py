@@ -26,6 +26,8 @@ SUPPORTED_DTYPES: tuple[np.dtype, ...] = tuple(np.dtype(t) for t in (
     "uint8", "uint16", "uint32", "uint64",
 ))
 
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+
 
 def resolve_op(op: object) -> str:
     """Return the canonical op name, or raise ValueError naming the bad value."""
@@ -37,7 +39,7 @@ def resolve_op(op: object) -> str:
 
 def check_dtype(dtype: np.dtype, arg: str = "x") -> None:
     """Raise TypeError unless `dtype` is one ringsync can reduce."""
-    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+    if dtype not in _SUPPORTED and np.dtype(dtype) not in _SUPPORTED:  # a set: hot path
         names = ", ".join(d.name for d in SUPPORTED_DTYPES)
         raise TypeError(f"{arg} has unsupported dtype {np.dtype(dtype).name}; supported: {names}")
 

@@ -18,13 +18,16 @@ The all-gather needs no change: it already receives each chunk straight into pla
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
 from .config import env_int, env_str
 from .ring import chunk_bounds, ring_allgather_
+
+if TYPE_CHECKING:
+    from .agreement import Checker as Guard
 
 
 @lru_cache(maxsize=256)
@@ -42,15 +45,23 @@ def ring_plan(n: int, p: int, segment: int) -> tuple[tuple[slice, ...], tuple[tu
 
 
 def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
-                              scratch: np.ndarray, segment: int) -> np.ndarray:
+                              scratch: np.ndarray, segment: int,
+                              guard: Guard | None = None) -> np.ndarray:
     """ring.ring_allreduce_ with segmented, pipelined reduce-scatter steps; in place, same bits.
 
     `segment` is the segment length in elements; `scratch` is a 1-D buffer of the same dtype
-    with room for two segments (2 * min(segment, largest chunk) elements).
+    with room for two segments (2 * min(segment, largest chunk) elements). `guard`
+    (agreement.py) checks first that every rank makes the same call; if they do not, it
+    returns with `buf` untouched and `guard.bad` set.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.size == 0:
         return buf
+    if guard is not None:
+        # p-1 empty guarded ring steps: a latency each, small beside a buffer this large.
+        guard.agree(comm)
+        if guard.bad:
+            return buf
     right, left = (r + 1) % p, (r - 1) % p
     chunk_slices, segment_slices = ring_plan(buf.size, p, segment)
     half = scratch.size // 2

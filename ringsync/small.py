@@ -16,16 +16,29 @@ doubling; the odd ones then hand the result back. (The scheme MPICH uses.)
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from mpi4py import MPI
 
+if TYPE_CHECKING:
+    from .agreement import Checker as Guard
+
 
 def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
-                                  scratch: np.ndarray) -> np.ndarray:
-    """Reduce the 1-D contiguous `buf` across `comm` in place; `scratch` holds buf.size elements."""
+                                  scratch: np.ndarray, guard: Guard | None = None) -> np.ndarray:
+    """Reduce the 1-D contiguous `buf` across `comm` in place; `scratch` holds buf.size elements.
+
+    `guard` (agreement.py) checks first that every rank makes the same call; if they do not,
+    it returns with `buf` untouched and `guard.bad` set.
+    """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.size == 0:
         return buf
+    if guard is not None and p > 2:
+        guard.agree(comm)                   # p-1 empty guarded ring steps first
+        if guard.bad:
+            return buf
     pof2 = 1 << (p.bit_length() - 1)       # largest power of two <= p
     rem = p - pof2
 
@@ -47,7 +60,14 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
         while mask < pof2:
             vpartner = vrank ^ mask
             partner = 2 * vpartner + 1 if vpartner < rem else vpartner + rem
-            comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+            if guard is not None and p == 2:
+                # Two ranks: this one exchange is also the ring's one step, so the agreement
+                # check rides on it; buf is not written unless both ranks agree.
+                guard.sendrecv(comm, buf, partner, scratch, partner)
+                if guard.bad:
+                    return buf
+            else:
+                comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
             if partner < r:
                 reduce(scratch, buf, out=buf)
             else:

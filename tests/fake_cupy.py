@@ -48,6 +48,9 @@ class ndarray(np.ndarray):
     def data(self) -> _Pointer:       # CuPy: a MemoryPointer whose .ptr is the device address
         return _Pointer(self.__array_interface__["data"][0])
 
+    def set(self, host) -> None:
+        self.view(np.ndarray)[...] = host
+
     def get(self, out=None):
         host = np.array(self.view(np.ndarray), copy=True)
         if out is not None:

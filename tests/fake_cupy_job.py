@@ -88,12 +88,29 @@ def collectives() -> list[str]:
     return bad
 
 
+def join_check() -> list[str]:
+    """Rank 0 joins at once (join.py); the others reduce and broadcast device arrays without it."""
+    from ringsync.join import join
+    bad = []
+    if COMM.rank != 0:
+        for transport in (buffers.STAGED, buffers.CUDA_AWARE):
+            buffers.force_transport(transport)
+            out = rs.allreduce(cp.asarray(np.full(5, float(COMM.rank))), op="average")
+            if not same(out, np.full(5, COMM.size / 2.0), exact=True):   # mean of ranks 1..p-1
+                bad.append(f"{transport} allreduce while rank 0 has joined: {cp.asnumpy(out)}")
+            got = rs.broadcast(cp.asarray(np.full(3, float(COMM.rank))), root=1)
+            if not same(got, np.full(3, 1.0), exact=True):
+                bad.append(f"{transport} broadcast while rank 0 has joined")
+    join()
+    return bad
+
+
 def main() -> int:
     rs.init()
     if sys.argv[1] == "train":
         from ringsync.train import main as train
         return train(sys.argv[2:])
-    bad = collectives()
+    bad = collectives() + (join_check() if COMM.size > 1 else [])
     everyone = COMM.allgather(bad)
     if COMM.rank == 0:
         failures = [f"rank {r}: {m}" for r, ms in enumerate(everyone) for m in ms]

@@ -137,3 +137,15 @@ def test_fusion_on_gpu(rs, cp):
     ok = all(np.allclose(cp.asnumpy(v), e, rtol=1e-5, atol=1e-6) for v, e in zip(flat.views, expected))
     assert_everywhere(ok, "grouped_allreduce_ on a CuPy FlatBuffer differs from NumPy")
     assert_everywhere(same_bits_everywhere(cp.asnumpy(flat.flat)), "fused GPU results differ across ranks")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_join_with_device_arrays(rs, cp, transport):
+    from ringsync.join import join
+    if COMM.rank != 0:                          # rank 0 has no work: it joins at once
+        out = rs.allreduce(cp.full(5, float(COMM.rank)), op="average")
+        ok = np.array_equal(cp.asnumpy(out), np.full(5, COMM.size / 2.0))   # mean of ranks 1..p-1
+    else:
+        ok = True
+    join()
+    assert_everywhere(ok, "a device all-reduce while rank 0 had joined went wrong")

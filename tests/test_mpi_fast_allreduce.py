@@ -6,8 +6,8 @@ segments small enough that a chunk travels in many pieces, and the same bits on 
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from mpitools import assert_everywhere, same_bits_everywhere
+
 from ringsync import ops
 from ringsync.ring import ring_allreduce_
 from ringsync.ring_fast import choose, pipelined_ring_allreduce_, ring_plan, tuning
@@ -46,7 +46,7 @@ def test_fast_paths_match_teaching_ring_and_mpi(algorithm, dtype):
     failures = []
     for n in LENGTHS:
         for op, reduce in UFUNCS.items():
-            for segment in (1, 3, 64):
+            for segment in ((1, 7) if n < 50 else (7, 64)):
                 x = rank_data(n, dtype, seed=n)
                 got = fast(algorithm, x, reduce, segment)
                 teaching = ring_allreduce_(x.copy(), COMM, reduce)
@@ -130,3 +130,26 @@ def test_ring_plan_segments_cover_every_chunk_exactly():
             covered = [i for s in segs for i in range(s.start, s.stop)]
             assert covered == list(range(chunk.start, chunk.stop))
             assert all(s.stop - s.start <= segment for s in segs)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["doubling", "pipelined", "ring"])
+@pytest.mark.parametrize("n", [10, 30000])
+def test_every_algorithm_refuses_mismatched_calls_on_every_rank(rs, monkeypatch, algorithm, n):
+    # The agreement check (agreement.py) rides on each algorithm: lengths that differ across
+    # ranks must raise on every rank, leave the input untouched, and leave the world usable.
+    monkeypatch.setenv("RINGSYNC_ALLREDUCE", algorithm)
+    tuning.cache_clear()
+    try:
+        x = np.ones(n + COMM.rank, dtype=np.float32)
+        raised = False
+        try:
+            rs.allreduce_(x)
+        except ValueError:
+            raised = True
+        assert_everywhere(raised and bool(np.all(x == 1)), f"{algorithm}: mismatch not refused cleanly")
+        ok = rs.allreduce(np.ones(n, dtype=np.float32))
+        assert_everywhere(bool(np.all(ok == COMM.size)), f"{algorithm}: the next call went wrong")
+    finally:
+        monkeypatch.undo()
+        tuning.cache_clear()
