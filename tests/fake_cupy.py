@@ -96,6 +96,8 @@ def install() -> types.ModuleType:
     cp = types.ModuleType("cupy")
     cp.__version__ = "0.0-fake"
     cp.ndarray = ndarray
+    for name in ("float16", "float32", "float64", "int32", "int64"):
+        setattr(cp, name, getattr(np, name))
     for name in ("add", "minimum", "maximum", "divide", "floor_divide", "log", "exp"):
         setattr(cp, name, getattr(np, name))
     cp.empty = lambda *a, **k: _wrap(np.empty(*a, **k))

@@ -36,3 +36,11 @@ def test_train_device_gpu_glue_matches_cpu_and_resumes(tmp_path):
     assert gpu["device"] == "gpu" and gpu["params_identical_across_ranks"]
     assert gpu["final_loss"] == pytest.approx(cpu["final_loss"], rel=1e-5)
     assert resumed["params_sha256"] == gpu["params_sha256"]   # resume is exact
+
+
+def test_gpu_example_glue():
+    code = ("import sys, runpy; sys.path.insert(0, 'tests'); import fake_cupy; fake_cupy.install(); "
+            "runpy.run_path('examples/gpu_allreduce.py', run_name='__main__')")
+    result = run_mpi(3, ["-c", code], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "as expected: yes; bitwise identical on all ranks: yes" in result.stdout

@@ -35,6 +35,21 @@ def test_sweep_device_gpu_without_a_gpu_exits_2_with_one_line():
     assert len(lines) == 1 and lines[0].startswith("allreduce_sweep.py: error: --device gpu: "), result.stderr
 
 
+@pytest.mark.skipif(REASON is None, reason="a GPU is usable here; this checks machines without one")
+def test_gpu_example_without_a_gpu_exits_2_with_one_line():
+    result = run_mpi(2, ["examples/gpu_allreduce.py"], timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("gpu_allreduce.py: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(REASON is not None, reason=f"no GPU: {REASON}")
+def test_gpu_example_runs():
+    result = run_mpi(2, ["examples/gpu_allreduce.py"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "as expected: yes; bitwise identical on all ranks: yes" in result.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(REASON is not None, reason=f"no GPU: {REASON}")
 def test_gpu_sweep_checks_out(tmp_path):
