@@ -153,7 +153,7 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "cpu": _cpu_model(), "cores": os.cpu_count(), "numpy": np.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(), "mpi4py": _version("mpi4py"),
+        "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()), "mpi4py": _version("mpi4py"),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }

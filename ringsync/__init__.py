@@ -4,10 +4,13 @@
     rs.init()
     total = rs.allreduce(np.ones(4), op=rs.Sum)   # every rank gets [p, p, p, p]
 """
+from .agreement import MismatchError
 from .buffers import GPUUnavailable, array_module, use_gpu
-from .collectives import allgather, allreduce, allreduce_, barrier, broadcast, broadcast_
+from .collectives import (allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast,
+                          broadcast_)
 from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
+from .join import join
 from .ops import Average, Max, Min, Sum
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
@@ -16,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
+    "allreduce_fused_", "join", "MismatchError",
     "Sum", "Average", "Min", "Max",
     "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
     "SGD", "DistributedOptimizer", "broadcast_parameters",

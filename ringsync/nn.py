@@ -62,11 +62,14 @@ class Linear:
         self.x = x                        # kept for the backward pass
         return x @ self.W + self.b
 
-    def backward(self, dy):
-        """Given dL/dy, write dL/dW and dL/db into the gradient buffer and return dL/dx."""
+    def backward(self, dy, input_grad: bool = True):
+        """Given dL/dy, write dL/dW and dL/db into the gradient buffer and return dL/dx.
+
+        The first layer's dL/dx (a gradient for the data) is never needed: input_grad=False skips it.
+        """
         self.dW[...] = self.x.T @ dy
         self.db[...] = dy.sum(axis=0)
-        return dy @ self.W.T
+        return dy @ self.W.T if input_grad else None
 
 
 class ReLU:
@@ -135,8 +138,9 @@ class MLP:
 
     def backward(self, dlogits) -> None:
         """Fill params.grad from dL/dlogits (after a forward on the same batch)."""
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[1:]):
             dlogits = layer.backward(dlogits)
+        self.layers[0].backward(dlogits, input_grad=False)
 
     def loss_and_grad(self, x, labels) -> tuple[float, float]:
         """Forward and backward on one batch: fills the gradients, returns (loss, accuracy)."""

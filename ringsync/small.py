@@ -16,6 +16,7 @@ doubling; the odd ones then hand the result back. (The scheme MPICH uses.)
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,25 @@ from mpi4py import MPI
 
 if TYPE_CHECKING:
     from .agreement import Checker as Guard
+
+
+@lru_cache(maxsize=256)
+def doubling_plan(p: int, r: int) -> tuple[int, int, tuple[int, ...]]:
+    """Rank r's part on p ranks, worked out once: (gives_to, takes_from, partners).
+
+    gives_to >= 0: r hands its buffer to that rank and sits out (then gets the result back).
+    takes_from >= 0: r first adds that rank's buffer (and afterwards hands it the result).
+    partners: the ranks r swaps buffers with, one per doubling round.
+    """
+    pof2 = 1 << (p.bit_length() - 1)       # largest power of two <= p
+    rem = p - pof2
+    if r < 2 * rem and r % 2 == 0:          # fold: an even rank among the first 2*rem
+        return r + 1, -1, ()
+    vrank = r // 2 if r < 2 * rem else r - rem
+    # Virtual ranks 0..pof2-1, partner differs in one bit per round, mapped back to real ranks.
+    vpartners = [vrank ^ (1 << k) for k in range(pof2.bit_length() - 1)]
+    partners = tuple(2 * v + 1 if v < rem else v + rem for v in vpartners)
+    return -1, (r - 1 if r < 2 * rem else -1), partners
 
 
 def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
@@ -39,45 +59,33 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
         guard.agree(comm)                   # p-1 empty guarded ring steps first
         if guard.bad:
             return buf
-    pof2 = 1 << (p.bit_length() - 1)       # largest power of two <= p
-    rem = p - pof2
+    gives_to, takes_from, partners = doubling_plan(p, r)
 
     # Fold: among the first 2*rem ranks, evens give their data to the odd rank above them.
-    if r < 2 * rem:
-        if r % 2 == 0:
-            comm.Send(buf, dest=r + 1)
-            vrank = -1                      # sits out the doubling
-        else:
-            comm.Recv(scratch, source=r - 1)
-            reduce(scratch, buf, out=buf)   # lower rank's data first
-            vrank = r // 2
-    else:
-        vrank = r - rem
+    if gives_to >= 0:
+        comm.Send(buf, dest=gives_to)
+        comm.Recv(buf, source=gives_to)     # ... and, at the end, get the result back
+        return buf
+    if takes_from >= 0:
+        comm.Recv(scratch, source=takes_from)
+        reduce(scratch, buf, out=buf)       # lower rank's data first
 
-    # Double: virtual ranks 0..pof2-1, partner differs in one bit per round.
-    if vrank >= 0:
-        mask = 1
-        while mask < pof2:
-            vpartner = vrank ^ mask
-            partner = 2 * vpartner + 1 if vpartner < rem else vpartner + rem
-            if guard is not None and p == 2:
-                # Two ranks: this one exchange is also the ring's one step, so the agreement
-                # check rides on it; buf is not written unless both ranks agree.
-                guard.sendrecv(comm, buf, partner, scratch, partner)
-                if guard.bad:
-                    return buf
-            else:
-                comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
-            if partner < r:
-                reduce(scratch, buf, out=buf)
-            else:
-                reduce(buf, scratch, out=buf)
-            mask <<= 1
-
-    # Unfold: the ranks that sat out get the finished result, a copy of their neighbour's.
-    if r < 2 * rem:
-        if r % 2 == 1:
-            comm.Send(buf, dest=r - 1)
+    # Double: swap whole buffers with each partner in turn, reducing in rank order.
+    for partner in partners:
+        if guard is not None and p == 2:
+            # Two ranks: this one exchange is also the ring's one step, so the agreement
+            # check rides on it; buf is not written unless both ranks agree.
+            guard.sendrecv(comm, buf, partner, scratch, partner)
+            if guard.bad:
+                return buf
         else:
-            comm.Recv(buf, source=r + 1)
+            comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+        if partner < r:
+            reduce(scratch, buf, out=buf)
+        else:
+            reduce(buf, scratch, out=buf)
+
+    # Unfold: the rank that sat out gets the finished result, a copy of ours.
+    if takes_from >= 0:
+        comm.Send(buf, dest=takes_from)
     return buf

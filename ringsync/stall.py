@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from mpi4py import MPI
 
-from . import config
+from . import agreement, config
 
 if TYPE_CHECKING:
     from .context import World
@@ -109,6 +109,14 @@ class Inspector:
 
     # -- asking the other ranks ----------------------------------------------------------
 
+    def _what(self, calls: int) -> str:
+        """'allreduce 'name' (call #12)' when the agreement check knows the call, else less."""
+        signature = self.checker.signature
+        if self.checker.enabled and signature and signature[7] == calls:
+            name = f" {self.checker.name!r}" if self.checker.name else ""
+            return f"{agreement.KIND_NAMES.get(signature[0], 'a collective')}{name} (call #{calls})"
+        return f"collective call #{calls}"
+
     def _answer_queries(self) -> None:
         """Tell any rank that asked: my call counter, whether I am in a collective, since when."""
         status = MPI.Status()
@@ -123,7 +131,7 @@ class Inspector:
     def _diagnose(self, calls: int, waited: float) -> tuple[str, bool]:
         """(the diagnosis, whether this rank is the lowest-numbered one waiting in the call)."""
         w = self.world
-        head = f"rank {w.rank} has waited {waited:.1f} s in collective call #{calls}"
+        head = f"rank {w.rank} has waited {waited:.1f} s in {self._what(calls)}"
         if not self.can_ask:
             return head + " (MPI has no thread support here to ask the other ranks)", True
         others = [q for q in range(w.size) if q != w.rank]

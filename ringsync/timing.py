@@ -8,19 +8,20 @@ module splits each rank's step into three parts:
     wait       from this rank's arrival at the step's first collective until the last rank arrived
     transfer   the all-reduce itself (reported as allreduce_s)
 
-"Until the last rank arrived" seems to need clocks that agree across hosts. It does not.
-In `barrier` mode a barrier runs just before the step's first all-reduce. Nobody leaves a
-barrier before the last rank has entered it, and everybody leaves within a few message
-latencies of that moment. So rank r's time inside the barrier is its wait plus a common
-exit latency, and the rank that arrived last spent only that latency there:
+"Until the last rank arrived" seems to need clocks that agree across hosts. It does not:
+only durations, each measured on one rank's own clock, are compared. Nobody can leave a
+synchronization point before the last rank has entered it, and everybody leaves within a few
+message latencies of that moment. So the time a rank spends inside it is its wait plus a
+common part, and the rank that arrived last spent only the common part there:
 
-    wait_r = barrier_r - min over ranks (barrier)
+    wait_r = sync_r - min over ranks (sync)
 
-Each duration is measured on one rank's own clock; only durations cross the network. The
-error is the spread of the exit times, at most ceil(log2 p) message latencies of the
-dissemination barrier. `passive` mode sends nothing extra: it applies the same subtraction to
-the step's all-reduce time (the ring cannot finish before its last rank joins), with a larger
-error, up to one all-reduce time, because ring ranks finish at slightly different moments.
+`passive` mode (the default) takes the step's all-reduce itself as the synchronization point:
+no extra message, and the error is the spread of the ring's finishing times (a chunk step or
+so, since ranks leave the ring at slightly different moments). `barrier` mode runs a
+dissemination barrier just before the step's first all-reduce and times that instead: the
+error shrinks to the barrier's exit spread, at most ceil(log2 p) message latencies, and the
+all-reduce is timed clean, at the price of one more synchronization per step.
 
 Probes wrap the collective calls (collectives.py marks its all-reduce with `@probe`) and the
 trainer's steps (`begin_step`, `end_step`); nothing below the collectives knows about timing.
@@ -43,8 +44,8 @@ from .context import world
 from .tree import dissemination_barrier
 
 MODES = ("off", "passive", "barrier")
-DEFAULT_MODE = "barrier"
-DEFAULT_EVERY = 100
+DEFAULT_MODE = "passive"
+DEFAULT_EVERY = 1000
 JITTER_KINDS = ("exp", "uniform")
 
 now = time.perf_counter     # one monotonic clock per process; never compared across ranks
@@ -388,10 +389,13 @@ def probe(fn: Callable) -> Callable:
     return probed
 
 
-def on_step(fn: Callable, gathered: bool = False) -> Callable:
+def on_step(fn: Callable | None = None, *, gathered: bool = False) -> Callable:
     """Register fn(record) to run after each step on each rank with its local StepRecord, or,
     with gathered=True, fn(records) on rank 0 with every rank's record of a step once they have
-    been exchanged (every `every` steps, and at finish). Returns fn, so it works as a decorator."""
+    been exchanged (every `every` steps, and at finish). Works as a decorator, with or without
+    arguments: @on_step, @on_step(gathered=True)."""
+    if fn is None:
+        return functools.partial(on_step, gathered=gathered)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     (_gathered_hooks if gathered else _local_hooks).append(fn)

@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     samples = trainer.steps_run * trainer.global_batch
     report = {
         "world_size": rs.size(), "steps": trainer.step, "steps_this_run": trainer.steps_run,
-        "epochs": trainer.step / trainer.steps_per_epoch, "steps_per_epoch": trainer.steps_per_epoch,
+        "epochs": round(trainer.step / trainer.steps_per_epoch, 4), "steps_per_epoch": trainer.steps_per_epoch,
         "global_batch": trainer.global_batch, "batch_size": args.batch_size,
         "dataset": data.name, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
         "model": trainer.sizes, "dtype": args.dtype, "device": args.device, "lr": args.lr, "momentum": args.momentum,

@@ -41,6 +41,16 @@ def test_digits_split_is_fixed_and_disjoint():
     assert np.array_equal(load_digits_dataset().y_test, d.y_test)
 
 
+def test_digits_read_directly_match_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from ringsync.data import _digits_arrays
+
+    x, y = _digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(x, ref.data) and np.array_equal(y, ref.target)
+
+
 def test_synthetic_any_size():
     d = synthetic_dataset(samples=500, features=3, classes=4, seed=1)
     assert len(d.x_train) + len(d.x_test) == 500 and d.features == 3 and d.classes <= 4

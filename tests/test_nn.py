@@ -97,3 +97,4 @@ def test_bad_arguments():
         MLP([3])
     with pytest.raises(ValueError, match="unique"):
         Params([("a", (1,)), ("a", (2,))])
+

@@ -7,13 +7,13 @@ from mpitools import run_mpi
 DELAY, STEPS = 0.05, 10
 
 
-@pytest.fixture(scope="module")
-def straggler_run(tmp_path_factory):
-    """One 4-rank run with rank 2 sleeping 50 ms per step; its report and timeline."""
+@pytest.fixture(scope="module", params=["passive", "barrier"])
+def straggler_run(request, tmp_path_factory):
+    """One 4-rank run per timing mode with rank 2 sleeping 50 ms per step; report and timeline."""
     folder = tmp_path_factory.mktemp("straggler")
     report, trace = folder / "report.json", folder / "trace.json"
     result = run_mpi(4, ["-m", "ringsync.train", "--quiet", "--max-steps", str(STEPS),
-                         "--straggler", f"2:{DELAY}", "--timing", "barrier",
+                         "--straggler", f"2:{DELAY}", "--timing", request.param,
                          "--report", str(report), "--timeline", str(trace)], timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(report.read_text()), json.loads(trace.read_text())
@@ -31,6 +31,7 @@ def test_the_straggler_is_named_and_everyone_else_waits_for_it(straggler_run):
     assert ranks[2]["compute_s"] / STEPS > DELAY           # the sleep counts as its compute
     assert st["cost_s"] == pytest.approx(sum(r["wait_s"] for r in ranks), rel=1e-9)
     assert 0 < st["cost_fraction"] < 1
+    assert st["mode"] in ("passive", "barrier") and st["steps"] == STEPS
 
 
 def test_the_timeline_loads_with_one_track_per_rank(straggler_run):
@@ -47,3 +48,11 @@ def test_bad_injection_flags_exit_2_with_one_line(flag):
     result = run_mpi(2, ["-m", "ringsync.train", "--quiet", "--max-steps", "1", *flag], timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "ringsync-train: error:" in result.stderr, result.stderr
+
+
+def test_hooks_example_names_the_highest_rank():
+    result = run_mpi(4, ["examples/timing_hooks.py"], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wait per rank") == 10
+    assert result.stdout.count("everybody waited for rank 3") >= 7   # 2 cores, 4 ranks: noise
+    assert "slowest rank: 3" in result.stdout

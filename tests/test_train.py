@@ -41,6 +41,9 @@ def test_p_ranks_with_batch_b_equal_one_rank_with_batch_pb(tmp_path):
         assert report["params_identical_across_ranks"] is True
         assert set(got) == set(ref)
         assert rel_err(got, ref) <= 1e-4, (p, rel_err(got, ref))
+    # fusion off (one all-reduce per gradient array) trains the same model
+    unfused, _ = train(2, tmp_path, "nofusion", "--batch-size", "32", "--fusion-mb", "0", *steps)
+    assert rel_err(unfused, ref) <= 1e-4
     # and a different global batch is a different training run: the comparison can fail
     other, _ = train(1, tmp_path, "b32", "--batch-size", "32", *steps)
     assert rel_err(other, ref) > 1e-2
