@@ -189,11 +189,13 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
                       fusion_bytes: int | None = None) -> list[np.ndarray]:
     """All-reduce every array in `arrays` and return new arrays; the inputs are left untouched.
 
-    The outputs are views into one fresh flat array per dtype, so the reduction itself
-    needs no further copy.
+    The outputs are views into one fresh FlatBuffer per dtype: the inputs are copied in once,
+    and the reduction itself needs no further copy.
     """
     if not isinstance(arrays, (list, tuple)):
         raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
+    op = ops.resolve_op(op)
+    fusion_threshold(fusion_bytes)                      # validate before copying anything
     sources = []
     for i, x in enumerate(arrays):
         a = array_module(x).asarray(x)                # CuPy arrays stay on their GPU
@@ -206,7 +208,8 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
         for i, view in zip(members, flat.views):
             view[...] = sources[i]
             outputs[i] = view
-    return grouped_allreduce_(outputs, op=op, fusion_bytes=fusion_bytes)
+        grouped_allreduce_(flat.views, op=op, fusion_bytes=fusion_bytes)
+    return outputs
 
 
 class FlatViews(tuple):
@@ -218,7 +221,7 @@ class FlatViews(tuple):
 
     owner: FlatBuffer
 
-    def __new__(cls, views: Sequence[np.ndarray], owner: FlatBuffer) -> FlatViews:
+    def __new__(cls, views: Sequence[np.ndarray], owner: FlatBuffer) -> FlatViews:  # noqa: PYI034
         self = super().__new__(cls, views)
         self.owner = owner
         return self

@@ -9,6 +9,7 @@ Shapes: a batch x is (n, features); a Linear layer holds W (in, out) and b (out,
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -118,7 +119,7 @@ class MLP:
             raise ValueError(f"sizes must be at least [inputs, classes], all >= 1, got {sizes}")
         self.sizes, self.xp = sizes, xp
         specs = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
             specs += [(f"fc{i}.weight", (n_in, n_out)), (f"fc{i}.bias", (n_out,))]
         self.params = Params(specs, dtype, xp)
         rng = np.random.default_rng(seed)

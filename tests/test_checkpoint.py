@@ -4,7 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from ringsync.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ringsync.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):

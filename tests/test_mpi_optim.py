@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from mpitools import assert_everywhere, same_bits_everywhere
+
 from ringsync.nn import MLP
 
 COMM = MPI.COMM_WORLD
