@@ -14,7 +14,7 @@ RANKS      ?= 1 2 3 4
 MPI_TIMEOUT ?= 300
 TEST_TIMEOUT ?= 120
 
-.PHONY: all test test-serial test-mpi demo demo-ring lint clean bench straggler
+.PHONY: all test test-serial test-mpi test-gpu demo demo-ring lint clean bench straggler
 
 all: test
 
@@ -34,6 +34,21 @@ test-mpi: $(VENV)/.installed
 	  echo "== MPI tests on $$n rank(s) =="; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m mpi \
 	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -W ignore::pytest.PytestUnraisableExceptionWarning; \
+	done
+
+# GPU tests: install CuPy (GPU_EXTRA=gpu-cuda11 / gpu-cuda13 for other CUDA majors), refuse
+# with the reason when no CuPy or device is usable, then the tests marked gpu: serial ones (training jobs), MPI ones on 1 and 2 ranks.
+GPU_EXTRA  ?= gpu
+GPU_RANKS  ?= 1 2
+test-gpu: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[$(GPU_EXTRA)]'
+	$(PY) -c "import sys; from ringsync.buffers import main; sys.exit(main(['--require-gpu']))"
+	RINGSYNC_TEST_MPIEXEC="$(MPIEXEC) $(MPIEXEC_FLAGS)" $(PY) -m pytest tests -q -m "gpu and not mpi" \
+	  -p no:cacheprovider --timeout 600 -rs
+	@set -e; for n in $(GPU_RANKS); do \
+	  echo "== GPU tests on $$n rank(s) =="; \
+	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m gpu \
+	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -rs -W ignore::pytest.PytestUnraisableExceptionWarning; \
 	done
 
 # Train the MLP on scikit-learn's digits over 4 ranks: loss, test accuracy, and proof that

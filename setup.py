@@ -14,7 +14,10 @@ setup(
         # the MPI library itself, from PyPI; leave it out to use a system MPI
         "mpich": ["mpich"],
         "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "hypothesis>=6", "ruff"],
-        "gpu": ["cupy"],
+        # CuPy's prebuilt wheel for your CUDA major version (nvidia-smi shows it)
+        "gpu": ["cupy-cuda12x"],
+        "gpu-cuda11": ["cupy-cuda11x"],
+        "gpu-cuda13": ["cupy-cuda13x"],
         "plot": ["matplotlib>=3.6"],   # ringsync-report --plot
     },
     entry_points={"console_scripts": [

@@ -11,6 +11,8 @@ and busbw = algbw * 2(p-1)/p for:
   ceiling   the transport ceiling: 2(p-1) ring Sendrecv of N/p bytes + (p-1) adds of N/p,
             the data movement and arithmetic any ring all-reduce has to do, done plainly
 and each one's speed-up over MPI (t_mpi / t) and time over the ceiling (t / t_ceiling).
+--device gpu sweeps CuPy buffers instead: ringsync's two device transports (staged through
+pinned host memory; CUDA-aware, where the MPI is) and MPI's Allreduce (benchmarks/gpu_impls.py).
 Buffers hold zeros while timed (an add costs the same whatever the values); -c 1 checks
 every implementation once on random data against MPI's Allreduce, and across ranks.
 """
@@ -26,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl
+import gpu_impls
 
 IMPLS = ("ringsync", "teaching", "mpi", "gloo", "ceiling")
 
@@ -40,7 +43,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("-w", "--warmup_iters", type=bl.nonnegative_int, default=5, help="untimed calls first (5)")
     ap.add_argument("-r", "--rounds", type=bl.positive_int, default=5, help="interleaved rounds; median and min over them (5)")
     ap.add_argument("-c", "--check", type=bl.nonnegative_int, default=1, help="1: check results against MPI's Allreduce (1)")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    ap.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)} "
+                    "(--device gpu: of staged,cuda-aware,mpi); default all")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: CuPy buffers (see above)")
     ap.add_argument("--max-seconds", type=bl.nonnegative_float, default=0.0,
                     help="cap on timed calls per size and implementation: fewer iters for slow ones (0: none)")
     ap.add_argument("--json", metavar="PATH")
@@ -49,10 +54,11 @@ def parse_args(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     try:
         args.sizes = bl.size_list(args.minbytes, args.maxbytes, args.stepfactor)
-        args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
-        bad = [s for s in args.impls if s not in IMPLS]
+        names = gpu_impls.NAMES if args.device == "gpu" else IMPLS
+        args.impls = [s.strip() for s in (args.impls or ",".join(names)).split(",") if s.strip()]
+        bad = [s for s in args.impls if s not in names]
         if bad or not args.impls:
-            raise bl.CliError(f"--impls: unknown {bad or args.impls!r}; choose from {','.join(IMPLS)}")
+            raise bl.CliError(f"--impls: unknown {bad or args.impls!r}; choose from {','.join(names)}")
         if args.maxbytes < args.datatype.itemsize:
             raise bl.CliError(f"-e {args.maxbytes} is smaller than one {args.datatype.name}")
         bl.check_plot_possible(args.plot)
@@ -180,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     rs.init()
     comm = MPI.COMM_WORLD
     p, rank = comm.Get_size(), comm.Get_rank()
-    gloo = None
+    gloo = cp = None
+    if args.device == "gpu":
+        try:
+            cp, line = gpu_impls.setup(comm)
+        except (rs.GPUUnavailable, ValueError) as exc:
+            bl.fail(f"allreduce_sweep.py: error: --device gpu: {exc}", rank)
+        if rank == 0:
+            print(f"# {line}")
     if "gloo" in args.impls:
         try:
             gloo = Gloo(comm)
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     meta = {"benchmark": "allreduce_sweep", "ranks": p, "dtype": dtype.name, "iters": args.iters,
             "warmup": args.warmup_iters, "rounds": args.rounds, "machine": bl.machine(),
-            "gloo": bool(gloo), "torch": bl._version("torch") if gloo else None,
+            "gloo": bool(gloo), "device": args.device, "torch": bl._version("torch") if gloo else None,
             "settings": {k: v for k, v in os.environ.items() if k.startswith("RINGSYNC_")}}
     if rank == 0:
         print(f"# ringsync all-reduce sweep: {p} ranks, {dtype.name}, {args.iters} calls x {args.rounds} "
@@ -204,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         count = nbytes // dtype.itemsize
         if count == 0:
             continue
-        buf = np.full(count, 0, dtype=dtype)  # written, so every page is real (see make_ceiling)
-        impls = implementations(args.impls, comm, buf, gloo)
-        verdicts = {name: (check(name, fn, comm, buf) if args.check else "-") for name, fn in impls.items()}
+        if cp is not None:
+            buf = gpu_impls.zeros(cp, count, dtype)
+            impls = gpu_impls.implementations(args.impls, comm, buf)
+            verdicts = {name: (gpu_impls.check(fn, comm, buf) if args.check else "-") for name, fn in impls.items()}
+        else:
+            buf = np.full(count, 0, dtype=dtype)  # written, so every page is real (see make_ceiling)
+            impls = implementations(args.impls, comm, buf, gloo)
+            verdicts = {name: (check(name, fn, comm, buf) if args.check else "-") for name, fn in impls.items()}
         iters = args.iters
         if args.max_seconds > 0:
             # Estimate the slowest implementation from one call each, then cap the calls.
@@ -249,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def draw(ax, rows: list[dict], p: int, dtype: str) -> None:
     """busbw against size, one line per implementation."""
-    for name in IMPLS:
+    for name in dict.fromkeys(r["impl"] for r in rows):
         mine = [r for r in rows if r["impl"] == name]
         if mine:
             ax.plot([r["size"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o", label=name)

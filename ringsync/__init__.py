@@ -5,6 +5,7 @@
     total = rs.allreduce(np.ones(4), op=rs.Sum)   # every rank gets [p, p, p, p]
 """
 from .agreement import MismatchError
+from .buffers import GPUUnavailable, array_module, use_gpu
 from .collectives import (allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast,
                           broadcast_)
 from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
@@ -22,4 +23,5 @@ __all__ = [
     "Sum", "Average", "Min", "Max",
     "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
     "SGD", "DistributedOptimizer", "broadcast_parameters",
+    "use_gpu", "array_module", "GPUUnavailable",
 ]

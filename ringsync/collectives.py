@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import join, ops, timing
+from . import buffers, join, ops, timing
 from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
 from .ring import ring_allgather_, ring_allreduce_
@@ -18,8 +18,11 @@ from .tree import dissemination_barrier, tree_broadcast_
 
 
 def _as_array(x: object, arg: str) -> np.ndarray:
-    """Any array-like as a NumPy array of a supported dtype (no copy when already one)."""
-    if isinstance(x, np.ndarray):
+    """Any array-like as a NumPy array of a supported dtype (no copy when already one).
+
+    A CuPy array stays a CuPy array: buffers.py moves it, and the result stays on its GPU.
+    """
+    if isinstance(x, np.ndarray) or buffers.is_device_array(x):
         arr = x
     else:
         try:
@@ -31,11 +34,11 @@ def _as_array(x: object, arg: str) -> np.ndarray:
 
 
 def _check_inplace(x: object, arg: str) -> np.ndarray:
-    """An in-place call needs a writeable, C-contiguous NumPy array it can fill."""
-    if not isinstance(x, np.ndarray):
+    """An in-place call needs a writeable, C-contiguous NumPy (or CuPy) array it can fill."""
+    if not isinstance(x, np.ndarray) and not buffers.is_device_array(x):
         raise TypeError(f"{arg} must be a numpy.ndarray for an in-place call, got {type(x).__name__}")
     ops.check_dtype(x.dtype, arg)
-    if not x.flags.writeable:
+    if not getattr(x.flags, "writeable", True):   # CuPy arrays are always writeable
         raise ValueError(f"{arg} is read-only; an in-place call must write into it")
     if not x.flags.c_contiguous:
         raise ValueError(f"{arg} is not C-contiguous; use the out-of-place form or np.ascontiguousarray")
@@ -60,6 +63,8 @@ def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
     number of ranks whose data counts for an average (join.py), all of them by default.
     """
     w = world()
+    if buffers.is_device_array(flat):
+        return _allreduce_device_(flat, op, guard, contributors)
     if w.size > 1 and flat.size:
         settings = tuning()
         algorithm, reduce = choose(flat.nbytes, w.size, settings), ops.OPS[op]
@@ -82,6 +87,18 @@ def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
         ops.finish_average_(flat, contributors or w.size)
 
 
+def _allreduce_device_(flat, op: str, guard: Checker | None, contributors: int) -> None:
+    """A CuPy buffer: agree first (as an empty call does), then CUDA-aware MPI or pinned staging."""
+    if guard is not None:
+        guard.agree(world().comm)
+        if guard.bad:   # ranks have joined (join.py) and take part on the host path: so do we
+            host = buffers.array_module(flat).asnumpy(flat)
+            join.redo_allreduce_(host, op, guard)      # (or raises on every rank)
+            flat.set(host)
+            return
+    buffers.allreduce_device_(flat, op, contributors or world().size)
+
+
 def _check_finite(flat: np.ndarray, guard: Checker | None, name: str | None) -> None:
     """RINGSYNC_CHECK_FINITE: a NaN/Inf here fails this call on every rank, naming this one."""
     if flat.dtype.kind == "f" and not np.isfinite(flat).all():
@@ -99,7 +116,7 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
     """
     try:
         op = ops.resolve_op(op)
-        out = np.array(_as_array(x, "x"), order="C", copy=True)
+        out = buffers.contiguous_copy(_as_array(x, "x"))
         _check_name(name)
     except (TypeError, ValueError) as exc:
         _refuse(exc)
@@ -187,7 +204,7 @@ def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
     """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
     try:
         root = _check_root(root)
-        out = np.array(_as_array(x, "x"), order="C", copy=True)
+        out = buffers.contiguous_copy(_as_array(x, "x"))
         _check_name(name)
     except (TypeError, ValueError) as exc:
         _refuse(exc)
@@ -202,7 +219,10 @@ def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
         guard.agree(w.comm)
         if guard.bad:
             guard.settle()    # raises on every rank, unless ranks have joined: then go on
-    tree_broadcast_(x.reshape(-1), w.comm, root)
+    if buffers.is_device_array(x):
+        buffers.broadcast_device_(x.reshape(-1), root)   # same tree, same messages
+    else:
+        tree_broadcast_(x.reshape(-1), w.comm, root)
     return x
 
 
@@ -213,7 +233,7 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
     dtype must agree, or every rank raises ValueError.
     """
     try:
-        arr = np.ascontiguousarray(_as_array(x, "x"))
+        arr = buffers.array_module(x).ascontiguousarray(_as_array(x, "x"))
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim > _MAX_NDIM:
@@ -232,13 +252,17 @@ def _allgather(arr: np.ndarray, guard: Checker | None) -> np.ndarray:
     if rows is None:                        # some ranks have joined: redone without them
         return _allgather(arr, None)
     firsts = rows[:, 0]
-    out = np.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
+    xp = buffers.array_module(arr)
+    out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
     flat = out.reshape(-1)
     offsets = np.concatenate(([0], np.cumsum(firsts * per_row)))
     blocks = [flat[offsets[i]:offsets[i + 1]] for i in range(w.size)]
     blocks[w.rank][...] = arr.reshape(-1)
-    ring_allgather_(blocks, w.comm, owned=w.rank)
+    if xp is np:
+        ring_allgather_(blocks, w.comm, owned=w.rank)
+    else:
+        buffers.allgather_device_(blocks, owned=w.rank)   # same ring, same messages
     return out
 
 

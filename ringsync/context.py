@@ -34,6 +34,8 @@ class World:
         self.checker = agreement.Checker(self.comm, config.env_bool("RINGSYNC_CHECK_AGREEMENT", True),
                                          config.env_bool("RINGSYNC_CHECK_FINITE", False))
         self.inspector = stall.start(self)
+        # buffers.py keeps its per-device scratch caches and the transport decision here.
+        self.backends: dict[object, object] = {}
 
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
         """A reusable 1-D buffer of at least `count` elements: no allocation per call."""
@@ -50,6 +52,7 @@ class World:
             if c != MPI.COMM_NULL:
                 c.Free()
         self._scratch.clear()
+        self.backends.clear()
 
 
 _world: World | None = None

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops, timing
+from .buffers import array_module, is_device_array
 from .collectives import _check_inplace, _reduce_
 from .config import env_int
 
@@ -75,13 +76,13 @@ def plan_buckets(nbytes: Sequence[int], dtypes: Sequence[np.dtype], threshold: i
 # --- memory adjacency: when a bucket needs no copy --------------------------------------------
 
 def _address(a: np.ndarray) -> int:
-    """The address of a C-contiguous array's first byte."""
-    return a.__array_interface__["data"][0]
+    """The address of a C-contiguous array's first byte (a device address for CuPy)."""
+    return a.data.ptr if is_device_array(a) else a.__array_interface__["data"][0]
 
 
 def _root(a: np.ndarray) -> np.ndarray:
     """The array that owns `a`'s memory (follows .base through views)."""
-    while isinstance(a.base, np.ndarray):
+    while isinstance(a.base, (np.ndarray, array_module(a).ndarray)):
         a = a.base
     return a
 
@@ -92,7 +93,7 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     Memory is what matters: if the arrays tile bytes [start, end) of the first one's owner
     exactly, in order, then reducing that slice of the owner reduces each array exactly once.
     """
-    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
+    if not all((isinstance(a, np.ndarray) or is_device_array(a)) and a.flags.c_contiguous for a in arrays):
         return None
     if len({a.dtype for a in arrays}) != 1:
         return None
@@ -100,7 +101,7 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     if not filled:
         return arrays[0].reshape(-1)
     root = _root(filled[0])
-    if root.dtype != filled[0].dtype or not root.flags.c_contiguous or not root.flags.writeable:
+    if root.dtype != filled[0].dtype or not root.flags.c_contiguous or not getattr(root.flags, "writeable", True):
         return None
     begin = end = _address(filled[0])
     for a in filled:
@@ -117,16 +118,21 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
 # --- the fusion buffers: one per dtype, allocated once, grown when a bigger bucket comes ------
 
 class _FusionBuffers:
-    """A reusable 1-D buffer per dtype (as Horovod's fusion buffer; never shrinks)."""
+    """A reusable 1-D buffer per backend and dtype (as Horovod's fusion buffer; never shrinks).
+
+    A bucket of CuPy arrays gets a CuPy buffer, one per device (ranks use one device each).
+    """
 
     def __init__(self) -> None:
-        self._bufs: dict[np.dtype, np.ndarray] = {}
+        self._bufs: dict[tuple, np.ndarray] = {}
 
-    def get(self, count: int, dtype: np.dtype) -> np.ndarray:
-        buf = self._bufs.get(dtype)
+    def get(self, count: int, dtype: np.dtype, like: np.ndarray | None = None) -> np.ndarray:
+        xp = np if like is None else array_module(like)
+        key = (xp.__name__, like.device.id if xp is not np else -1, np.dtype(dtype))
+        buf = self._bufs.get(key)
         if buf is None or buf.size < count:
-            buf = np.empty(count, dtype=dtype)
-            self._bufs[dtype] = buf
+            buf = xp.empty(count, dtype=dtype)
+            self._bufs[key] = buf
         return buf[:count]
 
 
@@ -142,9 +148,9 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
         _reduce_(span, op, span.shape, None, group, layout)
         return
     total = sum(a.size for a in bucket)
-    buf = _buffers.get(total, bucket[0].dtype)
+    buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])
     t = timing.now()
-    np.concatenate([a.reshape(-1) for a in bucket], out=buf)       # pack: one pass
+    array_module(buf).concatenate([a.reshape(-1) for a in bucket], out=buf)   # pack: one pass
     timing.mark("pack", t)                            # (a span in --timeline traces)
     _reduce_(buf, op, buf.shape, None, group, layout)
     t = timing.now()
@@ -174,6 +180,8 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
             _reduce_(span, op, span.shape, None, len(owner.shapes), owner.layout)
         return list(arrays)
     arrays = [_check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    if len({array_module(a) for a in arrays}) > 1:
+        raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device arrays in separate calls")
     plan = plan_buckets([a.nbytes for a in arrays], [a.dtype for a in arrays], threshold)
     for bucket in plan:
         _reduce_bucket([arrays[i] for i in bucket], op)
@@ -193,13 +201,13 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
     fusion_threshold(fusion_bytes)                      # validate before copying anything
     sources = []
     for i, x in enumerate(arrays):
-        a = np.asarray(x)
+        a = array_module(x).asarray(x)                # CuPy arrays stay on their GPU
         ops.check_dtype(a.dtype, f"arrays[{i}]")
         sources.append(a)
     outputs: list[np.ndarray | None] = [None] * len(sources)
-    for dtype in dict.fromkeys(a.dtype for a in sources):
-        members = [i for i, a in enumerate(sources) if a.dtype == dtype]
-        flat = FlatBuffer([sources[i].shape for i in members], dtype)
+    for xp, dtype in dict.fromkeys((array_module(a), a.dtype) for a in sources):
+        members = [i for i, a in enumerate(sources) if array_module(a) is xp and a.dtype == dtype]
+        flat = FlatBuffer([sources[i].shape for i in members], dtype, xp)
         for i, view in zip(members, flat.views):
             view[...] = sources[i]
             outputs[i] = view

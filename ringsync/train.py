@@ -27,7 +27,7 @@ import numpy as np
 
 import ringsync as rs
 
-from . import timing
+from . import buffers, timing
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import (
     DataError,
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=_widths, default=[128, 64], help="hidden widths, e.g. 128,64 (default)")
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype")
     t.add_argument("--seed", type=_int_at_least(0), default=0, help="model init and sample order (0)")
+    t.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: NumPy; gpu: CuPy on device local_rank %% count (RINGSYNC_GPU_DEVICE overrides)")
     t.add_argument("--fusion-mb", type=_float_at_least(0.0), default=None,
                    help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
     timing.add_arguments(p)   # --timing, --straggler, --jitter, --timeline
@@ -356,6 +358,9 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     """Entry point of `ringsync-train` and `python -m ringsync.train`."""
     args = parse_args(argv)
     rs.init()
+    if args.device == "gpu":                       # CuPy as xp; exit 2 on all ranks if any lacks a GPU
+        xp, error = buffers.gpu_module_or_reason()
+        _agree(error and f"--device gpu: {error}")
     data, error = None, None
     try:
         data = load_data(args)
@@ -395,7 +400,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "epochs": round(trainer.step / trainer.steps_per_epoch, 4), "steps_per_epoch": trainer.steps_per_epoch,
         "global_batch": trainer.global_batch, "batch_size": args.batch_size,
         "dataset": data.name, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
-        "model": trainer.sizes, "dtype": args.dtype, "lr": args.lr, "momentum": args.momentum,
+        "model": trainer.sizes, "dtype": args.dtype, "device": args.device, "lr": args.lr, "momentum": args.momentum,
         "weight_decay": args.weight_decay, "seed": args.seed,
         "final_loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc,
         "train_seconds": seconds, "samples_per_second": samples / seconds if seconds > 0 else 0.0,

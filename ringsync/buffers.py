@@ -1,0 +1,504 @@
+"""Array backends: NumPy on the host, CuPy on a GPU, and the two ways device buffers reach MPI.
+
+The ring in ring.py only slices arrays, calls a `reduce` ufunc and hands views to Sendrecv,
+so it runs unchanged on CuPy arrays. What differs on a GPU is how bytes get from device
+memory onto the network. There are two transports:
+
+* **CUDA-aware MPI.** Some MPI builds (Open MPI or MPICH built with CUDA, MVAPICH2-GDR, ...)
+  accept device pointers: mpi4py sees a CuPy array's `__cuda_array_interface__` and passes the
+  pointer straight through. The plain ring runs on device views; the only care needed is to
+  finish pending GPU work before MPI reads memory (MPI does not know about CUDA streams).
+
+* **Staged through pinned host memory.** Any other MPI only understands host memory. Each
+  ring step copies the outgoing chunk device -> pinned host, exchanges host buffers, copies
+  the incoming chunk host -> device and reduces it on the GPU. Page-locked ("pinned") host
+  buffers, allocated once and reused, let the copies run asynchronously (cudaMemcpyAsync).
+  A chunk is sent in segments, so the copy of segment i+1 overlaps the send of segment i and
+  the GPU reduces segment i while segment i+1 is still on the wire.
+
+The staged code is written against a small interface, `Stager` (async copies, a device
+reduction, events). `CupyDevice` implements it on a real GPU; the tests also run it with a
+NumPy stand-in that queues work like a CUDA stream, so the staging bookkeeping is checked on
+any CPU. That is logic coverage only: it says nothing about the GPU code paths.
+
+CuPy is imported only when a CuPy array shows up or the user asks for the GPU (`use_gpu`).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from mpi4py import MPI
+
+from . import config, ops
+from .context import World, local_rank, world
+from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .tree import tree_broadcast_
+
+CUDA_AWARE = "cuda-aware"
+STAGED = "staged"
+
+
+class GPUUnavailable(RuntimeError):
+    """CuPy or a usable CUDA device is missing; the message says which, in one line."""
+
+
+# --- which backend holds an array ------------------------------------------------------------
+
+def array_module(x: object) -> Any:
+    """`cupy` for a CuPy array, else `numpy`. Never imports CuPy: if it is not imported yet,
+    `x` cannot be a CuPy array."""
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(x, cp.ndarray):
+        return cp
+    return np
+
+
+def is_device_array(x: object) -> bool:
+    """True for a CuPy (GPU) array."""
+    return array_module(x) is not np
+
+
+def contiguous_copy(x: Any) -> Any:
+    """A fresh C-contiguous copy of `x` on the same backend (host or device)."""
+    return array_module(x).array(x, order="C", copy=True)
+
+
+def import_cupy() -> Any:
+    """Import CuPy, or raise GPUUnavailable with the one-line reason."""
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA install
+        raise GPUUnavailable(f"CuPy is not installed or does not import ({type(exc).__name__}: "
+                             f"{exc}); install it with pip install 'ringsync[gpu]'") from None
+    return cupy
+
+
+def device_count() -> int:
+    """How many CUDA devices CuPy sees; raises GPUUnavailable when there are none."""
+    cp = import_cupy()
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - CUDARuntimeError: no driver, no device, ...
+        raise GPUUnavailable(f"CuPy {cp.__version__} is installed but no CUDA device is usable: "
+                             f"{str(exc).splitlines()[0]}") from None
+    if count < 1:
+        raise GPUUnavailable(f"CuPy {cp.__version__} is installed but sees no CUDA device")
+    return count
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when CuPy and at least one CUDA device are usable, else why not (one line)."""
+    try:
+        device_count()
+    except GPUUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def choose_device(count: int, local: int, device: int | None = None) -> int:
+    """The GPU this rank uses: `device` if given, else RINGSYNC_GPU_DEVICE, else local rank mod count.
+
+    Ranks on one node take devices round-robin, so 2 ranks on a 1-GPU node share device 0.
+    """
+    if device is None:
+        device = config.env_int("RINGSYNC_GPU_DEVICE", -1, minimum=-1)
+        if device == -1:
+            return local % count
+    if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
+        raise TypeError(f"device must be an int, got {type(device).__name__}")
+    if not 0 <= device < count:
+        raise ValueError(f"device must be in [0, {count}) on this node, got {device}")
+    return int(device)
+
+
+def use_gpu(device: int | None = None) -> int:
+    """Make a CUDA device current for this rank (see choose_device) and return its index.
+
+    Raises GPUUnavailable (one-line reason) without CuPy or a device. Also settles the transport.
+    """
+    cp = import_cupy()
+    index = choose_device(device_count(), local_rank(), device)
+    cp.cuda.Device(index).use()
+    transport()
+    return index
+
+
+def gpu_module_or_reason(device: int | None = None) -> tuple[Any, str | None]:
+    """(cupy, None) with this rank's device made current, or (None, the one-line reason)."""
+    try:
+        use_gpu(device)
+    except (GPUUnavailable, ValueError, TypeError) as exc:
+        return None, str(exc)
+    return import_cupy(), None
+
+
+# --- reusable buffers ------------------------------------------------------------------------
+
+class ScratchCache:
+    """Reusable 1-D buffers keyed by (kind, dtype): allocated on first use, regrown only when
+    a larger one is needed, so the hot path does not allocate (pinned memory is slow to get)."""
+
+    def __init__(self, allocators: dict[str, Callable[[int, np.dtype], Any]]) -> None:
+        self._allocators = allocators
+        self._buffers: dict[tuple[str, np.dtype], Any] = {}
+        self.allocations = 0
+
+    def get(self, kind: str, count: int, dtype: Any) -> Any:
+        key = (kind, np.dtype(dtype))
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < count:
+            buf = self._allocators[kind](max(count, 1), key[1])
+            self._buffers[key] = buf
+            self.allocations += 1
+        return buf[:count]
+
+
+def _pinned_empty(cp: Any, count: int, dtype: np.dtype) -> np.ndarray:
+    """A NumPy array in page-locked host memory: the GPU's DMA engines copy it asynchronously."""
+    memory = cp.cuda.alloc_pinned_memory(count * dtype.itemsize)
+    return np.frombuffer(memory, dtype, count)
+
+
+# --- the staging interface -------------------------------------------------------------------
+
+class Stager(Protocol):
+    """What the staged transport needs from a device. Work is queued in order (like one CUDA
+    stream); the host sees its effects only after wait() on an event recorded after it."""
+
+    def scratch(self, kind: str, count: int, dtype: Any) -> Any:
+        """'device' memory, or 'pinned' / 'inbox' host memory, reused across calls."""
+
+    def to_host(self, src: Any, dst: np.ndarray) -> None:
+        """Queue a copy of the device view `src` into the host view `dst` (same size)."""
+
+    def to_device(self, src: np.ndarray, dst: Any) -> None:
+        """Queue a copy of the host view `src` into the device view `dst`."""
+
+    def reduce(self, ufunc: np.ufunc, acc: Any, other: Any) -> None:
+        """Queue acc = ufunc(acc, other) on the device."""
+
+    def record(self) -> Any:
+        """An event marking everything queued so far."""
+
+    def wait(self, event: Any) -> None:
+        """Block the host until the work before `event` is done."""
+
+
+class CupyDevice:
+    """The Stager on a real GPU: CuPy arrays, pinned host buffers, cudaMemcpyAsync and events
+    on the caller's current stream (so our work is ordered after the user's kernels)."""
+
+    def __init__(self, cp: Any, cache: ScratchCache) -> None:
+        self.cp = cp
+        self.cache = cache
+        self.stream = cp.cuda.get_current_stream()
+
+    def scratch(self, kind: str, count: int, dtype: Any) -> Any:
+        return self.cache.get(kind, count, dtype)
+
+    def _copy(self, dst_ptr: int, src_ptr: int, nbytes: int, kind: int) -> None:
+        if nbytes:
+            self.cp.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, kind, self.stream.ptr)
+
+    def to_host(self, src: Any, dst: np.ndarray) -> None:
+        self._copy(dst.ctypes.data, src.data.ptr, src.nbytes, self.cp.cuda.runtime.memcpyDeviceToHost)
+
+    def to_device(self, src: np.ndarray, dst: Any) -> None:
+        self._copy(dst.data.ptr, src.ctypes.data, src.nbytes, self.cp.cuda.runtime.memcpyHostToDevice)
+
+    def reduce(self, ufunc: np.ufunc, acc: Any, other: Any) -> None:
+        getattr(self.cp, ufunc.__name__)(acc, other, out=acc)   # cupy.add, cupy.minimum, ...
+
+    def record(self) -> Any:
+        event = self.cp.cuda.Event(disable_timing=True)
+        event.record(self.stream)
+        return event
+
+    def wait(self, event: Any) -> None:
+        event.synchronize()
+
+
+def _cupy_device(w: World, cp: Any) -> CupyDevice:
+    """The CupyDevice for the current device, with its buffers cached on the World."""
+    index = cp.cuda.Device().id
+    cache = w.backends.get(("cupy", index))
+    if cache is None:
+        cache = ScratchCache({
+            "device": lambda n, dt: cp.empty(n, dtype=dt),
+            "pinned": lambda n, dt: _pinned_empty(cp, n, dt),
+            "inbox": lambda n, dt: _pinned_empty(cp, n, dt),
+        })
+        w.backends[("cupy", index)] = cache
+    return CupyDevice(cp, cache)
+
+
+# --- the staged transport --------------------------------------------------------------------
+
+def segments(n: int, size: int) -> list[tuple[int, int]]:
+    """Cut n elements into consecutive (start, stop) pieces of at most `size` (none when n is 0)."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def staged_allreduce_(buf: Any, comm: MPI.Comm, reduce: np.ufunc, dev: Stager,
+                      segment: int) -> None:
+    """The ring all-reduce of the device buffer `buf`, in place, for an MPI that only reads host
+    memory: reduce-scatter with the reduction on the device, then the all-gather on the host.
+
+    Same chunks, same order of reduction as ring_allreduce_, hence the same bits.
+    """
+    p, r = comm.Get_size(), comm.Get_rank()
+    if p == 1 or buf.size == 0:
+        return
+    right, left = (r + 1) % p, (r - 1) % p
+    bounds = chunk_bounds(buf.size, p)
+    chunks = [buf[a:b] for a, b in bounds]
+    host = dev.scratch("pinned", buf.size, buf.dtype)      # pinned mirror of buf
+    hchunks = [host[a:b] for a, b in bounds]
+    inbox = dev.scratch("inbox", bounds[0][1], buf.dtype)   # pinned: arriving chunk lands here
+    landed = dev.scratch("device", bounds[0][1], buf.dtype)  # ...then here, on the device
+
+    # Phase 1: reduce-scatter, as in ring.py, one staged exchange per step.
+    inbox_free = dev.record()
+    for step in range(p - 1):
+        out_i, in_i = (r - step) % p, (r - step - 1) % p
+        inbox_free = _staged_step(chunks[out_i], hchunks[out_i], chunks[in_i], inbox, landed,
+                                  inbox_free, comm, right, left, reduce, dev, segment)
+
+    # Phase 2: all-gather. Nothing is reduced any more, so it runs on the pinned mirror; each
+    # finished chunk is copied back to the device as soon as it arrives, overlapping the
+    # copy with the next step's exchange.
+    owned = (r + 1) % p
+    dev.to_host(chunks[owned], hchunks[owned])
+    dev.wait(dev.record())
+
+    def land(phase: str, step: int) -> None:
+        arrived = (owned - step - 1) % p
+        dev.to_device(hchunks[arrived], chunks[arrived])
+
+    ring_allgather_(hchunks, comm, owned=owned, observe=land)
+    dev.wait(dev.record())   # all copies done: buf is complete and the pinned buffers are free
+
+
+def _staged_step(out_dev: Any, out_host: np.ndarray, in_dev: Any, inbox: np.ndarray,
+                 landed: Any, inbox_free: Any, comm: MPI.Comm, right: int, left: int,
+                 reduce: np.ufunc, dev: Stager, segment: int) -> Any:
+    """One reduce-scatter step: send out_dev to the right, fold what comes from the left into
+    in_dev, segment by segment. `inbox` may be written once `inbox_free` is reached; returns
+    the event after which it may be written again."""
+    sends, recvs = segments(out_dev.size, segment), segments(in_dev.size, segment)
+    # Queue every device -> host copy at once, each followed by an event saying "ready".
+    ready = []
+    for a, b in sends:
+        dev.to_host(out_dev[a:b], out_host[a:b])
+        ready.append(dev.record())
+    # Post the receives (before any send, so no rank waits on another to post them) once the
+    # last step's inbox -> device copies are done; one tag is enough because MPI keeps the
+    # messages between two ranks on one tag in order.
+    dev.wait(inbox_free)
+    incoming = [comm.Irecv(inbox[a:b], source=left) for a, b in recvs]
+    # Send each segment as soon as its copy has landed in pinned memory.
+    outgoing = []
+    for (a, b), event in zip(sends, ready):
+        dev.wait(event)
+        outgoing.append(comm.Isend(out_host[a:b], dest=right))
+    # As each segment arrives, queue its copy to the device and its reduction there; the host
+    # goes straight back to waiting for the next segment while the GPU works.
+    for (a, b), request in zip(recvs, incoming):
+        request.Wait()
+        dev.to_device(inbox[a:b], landed[a:b])
+        dev.reduce(reduce, in_dev[a:b], landed[a:b])
+    MPI.Request.Waitall(outgoing)
+    return dev.record()
+
+
+def staged_broadcast_(buf: Any, comm: MPI.Comm, root: int, dev: Stager) -> None:
+    """Broadcast the device buffer `buf` from `root` via a pinned host copy and the tree."""
+    host = dev.scratch("pinned", buf.size, buf.dtype)
+    if comm.Get_rank() == root:
+        dev.to_host(buf, host)
+        dev.wait(dev.record())
+    tree_broadcast_(host, comm, root)
+    if comm.Get_rank() != root:
+        dev.to_device(host, buf)
+        dev.wait(dev.record())
+
+
+def staged_allgather_(blocks: list[Any], comm: MPI.Comm, owned: int, dev: Stager) -> None:
+    """ring_allgather_ for consecutive device views `blocks` of one buffer, staged through
+    a pinned mirror; each block is copied to the device as soon as it arrives."""
+    sizes = [b.size for b in blocks]
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(int)
+    host = dev.scratch("pinned", int(offsets[-1]), blocks[0].dtype)
+    hblocks = [host[offsets[i]:offsets[i + 1]] for i in range(len(blocks))]
+    dev.to_host(blocks[owned], hblocks[owned])
+    dev.wait(dev.record())
+
+    def land(phase: str, step: int) -> None:
+        arrived = (owned - step - 1) % len(blocks)
+        dev.to_device(hblocks[arrived], blocks[arrived])
+
+    ring_allgather_(hblocks, comm, owned=owned, observe=land)
+    dev.wait(dev.record())
+
+
+# --- which transport -------------------------------------------------------------------------
+
+def _mpix_query_cuda_support() -> Callable[[], int] | None:
+    """MPIX_Query_cuda_support from the MPI library mpi4py loaded (Open MPI, MPICH >= 4)."""
+    try:
+        function = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        return None
+    function.restype, function.argtypes = ctypes.c_int, []
+    return function
+
+
+def mpi_cuda_support() -> tuple[bool, str]:
+    """Ask the MPI library whether it takes device pointers: (answer, how we found out)."""
+    query = getattr(MPI, "Query_cuda_support", None)       # mpi4py may grow this one day
+    if query is not None:
+        return bool(query()), "MPI.Query_cuda_support()"
+    vendor = MPI.get_vendor()[0]
+    if vendor == "MPICH" and os.environ.get("MPIR_CVAR_ENABLE_GPU", "").strip().lower() in (
+            "0", "false", "no"):
+        return False, "MPIR_CVAR_ENABLE_GPU=0 turns MPICH's GPU support off"
+    query = _mpix_query_cuda_support()
+    if query is not None:
+        return bool(query()), "MPIX_Query_cuda_support()"
+    ompi_info = shutil.which("ompi_info")
+    if vendor == "Open MPI" and ompi_info:
+        try:
+            text = subprocess.run([ompi_info, "--parsable", "--all"], capture_output=True,
+                                  text=True, timeout=30, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        return "mpi_built_with_cuda_support:value:true" in text, "ompi_info"
+    return False, f"{vendor} offers no way to ask"
+
+
+def decide_transport(setting: str, probe: Callable[[], tuple[bool, str]]) -> tuple[str, str]:
+    """RINGSYNC_CUDA_AWARE's value ('auto', '0', '1') and the MPI probe -> (transport, why)."""
+    if setting == "1":
+        return CUDA_AWARE, "RINGSYNC_CUDA_AWARE=1"
+    if setting == "0":
+        return STAGED, "RINGSYNC_CUDA_AWARE=0"
+    supported, how = probe()
+    return (CUDA_AWARE if supported else STAGED), f"auto: {how} says {'yes' if supported else 'no'}"
+
+
+def transport(w: World | None = None) -> str:
+    """'cuda-aware' or 'staged': how this rank moves device buffers. Decided once per World,
+    from RINGSYNC_CUDA_AWARE (auto|0|1) and, for auto, the MPI library's own answer.
+    Ranks may differ: both transports put the same bytes on the wire."""
+    w = w or world()
+    if "transport" not in w.backends:
+        setting = config.env_str("RINGSYNC_CUDA_AWARE", "auto", ("auto", "0", "1"))
+        w.backends["transport"] = decide_transport(setting, mpi_cuda_support)
+    return w.backends["transport"][0]
+
+
+def force_transport(name: str | None, w: World | None = None) -> None:
+    """Use transport `name` ('cuda-aware' or 'staged') from now on; None decides afresh.
+    For tests and benchmarks that compare the two; users set RINGSYNC_CUDA_AWARE instead."""
+    w = w or world()
+    if name is None:
+        w.backends.pop("transport", None)
+    elif name in (CUDA_AWARE, STAGED):
+        w.backends["transport"] = (name, "forced")
+    else:
+        raise ValueError(f"name must be {CUDA_AWARE!r}, {STAGED!r} or None, got {name!r}")
+
+
+def staging_segment(itemsize: int) -> int:
+    """Elements per staged segment: RINGSYNC_STAGING_SEGMENT bytes (default 1 MiB)."""
+    return max(1, config.env_int("RINGSYNC_STAGING_SEGMENT", 1 << 20, minimum=1) // itemsize)
+
+
+# --- the device front doors collectives.py calls ---------------------------------------------
+
+def _synced(ufunc: Any, stream: Any) -> Callable[..., None]:
+    """A reduce for the CUDA-aware ring: the kernel, then wait for it, because the next
+    Sendrecv hands the result to MPI, which does not follow CUDA streams."""
+    def reduce(a: Any, b: Any, out: Any) -> None:
+        ufunc(a, b, out=out)
+        stream.synchronize()
+    return reduce
+
+
+def allreduce_device_(flat: Any, op: str, contributors: int = 0) -> None:
+    """allreduce of the contiguous 1-D CuPy array `flat`, in place, by either transport.
+    An average divides by `contributors` (default: every rank)."""
+    cp, w = array_module(flat), world()
+    with flat.device:
+        dev = _cupy_device(w, cp)
+        if w.size > 1 and flat.size:
+            if transport(w) == CUDA_AWARE:
+                dev.stream.synchronize()   # the user's kernels writing `flat` must be done
+                # ring.py receives into two halves of scratch, in turn
+                scratch = dev.scratch("device", 2 * chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
+                ring_allreduce_(flat, w.comm, _synced(getattr(cp, ops.OPS[op].__name__), dev.stream),
+                                scratch=scratch)
+            else:
+                staged_allreduce_(flat, w.comm, ops.OPS[op], dev, staging_segment(flat.itemsize))
+        if op == ops.Average:
+            divide = cp.floor_divide if flat.dtype.kind in "iu" else cp.divide
+            divide(flat, contributors or w.size, out=flat)
+
+
+def broadcast_device_(flat: Any, root: int) -> None:
+    """broadcast of the contiguous 1-D CuPy array `flat` from `root`, in place."""
+    cp, w = array_module(flat), world()
+    with flat.device:
+        dev = _cupy_device(w, cp)
+        if w.size > 1 and flat.size:
+            if transport(w) == CUDA_AWARE:
+                dev.stream.synchronize()
+                tree_broadcast_(flat, w.comm, root)
+            else:
+                staged_broadcast_(flat, w.comm, root, dev)
+
+
+def allgather_device_(blocks: list[Any], owned: int) -> None:
+    """ring_allgather_ on consecutive CuPy views `blocks` of one buffer; this rank fills `owned`."""
+    cp, w = array_module(blocks[0]), world()
+    if w.size == 1:
+        return
+    with blocks[0].device:
+        dev = _cupy_device(w, cp)
+        if transport(w) == CUDA_AWARE:
+            dev.stream.synchronize()
+            ring_allgather_(blocks, w.comm, owned=owned)
+        else:
+            staged_allgather_(blocks, w.comm, owned, dev)
+
+
+def describe() -> str:
+    """One line: CuPy and device, or why not; the transport and why it was chosen."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        return f"GPU: unavailable ({reason})"
+    cp = import_cupy()
+    w = world()
+    index = choose_device(device_count(), local_rank())
+    name = cp.cuda.runtime.getDeviceProperties(index)["name"].decode()
+    transport(w)
+    how, why = w.backends["transport"]
+    return f"GPU: CuPy {cp.__version__}, rank {w.rank} -> device {index} ({name}); transport {how} ({why})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print describe() on rank 0; with --require-gpu, return 2 when no GPU is usable."""
+    from .context import init
+    init()
+    line = describe()
+    if world().rank == 0:
+        print(line, flush=True)
+    argv = sys.argv[1:] if argv is None else argv
+    return 2 if "--require-gpu" in argv and gpu_unavailable_reason() is not None else 0
