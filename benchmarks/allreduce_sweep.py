@@ -255,12 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if gloo is not None:
         gloo.close()
     if rank == 0:
-        if args.json:
-            bl.write_json(args.json, {"meta": meta, "results": rows})
-        if args.csv:
-            bl.write_csv(args.csv, rows)
-        if args.plot:
-            bl.save_plot(args.plot, lambda ax: draw(ax, rows, p, dtype.name))
+        bl.write_results(args, meta, rows, lambda ax: draw(ax, rows, p, dtype.name))
     wrong = [r for r in rows if r["check"] not in ("ok", "-")]
     return 1 if wrong else 0
 

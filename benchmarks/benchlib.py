@@ -249,6 +249,17 @@ def default_mpiexec() -> str:
     return beside if os.path.exists(beside) else (shutil.which("mpiexec") or "mpiexec")
 
 
+def write_results(args: Any, meta: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  draw: Callable[[Any], None]) -> None:
+    """Write the rows to whichever of --json, --csv and --plot were given (each atomically)."""
+    if args.json:
+        write_json(args.json, {"meta": meta, "results": rows})
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.plot:
+        save_plot(args.plot, draw)
+
+
 def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) -> dict[str, Any]:
     """Run `ringsync-train` (as python -m ringsync.train) on `nranks` ranks; return its JSON report.
 

@@ -106,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['speedup_vs_one_by_one']:>8.1f}x", flush=True)
         meta = {"benchmark": "fusion", "ranks": p, "dtype": args.datatype.name, "iters": args.iters,
                 "rounds": args.rounds, "machine": bl.machine()}
-        if args.json:
-            bl.write_json(args.json, {"meta": meta, "results": rows})
-        if args.csv:
-            bl.write_csv(args.csv, rows)
-        if args.plot:
-            bl.save_plot(args.plot, lambda ax: draw(ax, rows, args, p))
+        bl.write_results(args, meta, rows, lambda ax: draw(ax, rows, args, p))
     return 0
 
 

@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['ranks']:>5} {r['samples_per_s']:>11.0f} {r['speedup']:>7.2f}x {r['efficiency']:>10.2f} "
               f"{ar:>17}{note}", flush=True)
     meta = {"benchmark": "scaling", "train_args": train_args, "rounds": args.rounds, "machine": bl.machine()}
-    if args.json:
-        bl.write_json(args.json, {"meta": meta, "results": rows})
-    if args.csv:
-        bl.write_csv(args.csv, rows)
-    if args.plot:
-        bl.save_plot(args.plot, lambda ax: draw(ax, rows))
+    bl.write_results(args, meta, rows, lambda ax: draw(ax, rows))
     return 0
 
 

@@ -99,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['slow_wait_ms_per_step']:>18.2f} {r['cost_s']:>12.3f} {r['cost_fraction']:>9.2f} "
               f"{r['slow_rank_reported']:>13}", flush=True)
     meta = {"benchmark": "straggler", "train_args": base, "rounds": args.rounds, "machine": bl.machine()}
-    if args.json:
-        bl.write_json(args.json, {"meta": meta, "results": rows})
-    if args.csv:
-        bl.write_csv(args.csv, rows)
-    if args.plot:
-        bl.save_plot(args.plot, lambda ax: draw(ax, rows))
+    bl.write_results(args, meta, rows, lambda ax: draw(ax, rows))
     return 0
 
 
