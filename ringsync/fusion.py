@@ -33,7 +33,7 @@ import numpy as np
 
 from . import ops, timing
 from .buffers import array_module, is_device_array
-from .collectives import _check_inplace, _reduce_
+from .collectives import _check_inplace, _reduce_, _refuse
 from .config import env_int
 
 DEFAULT_FUSION_BYTES = 64 * 1024 * 1024
@@ -161,6 +161,13 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
     timing.mark("unpack", t)
 
 
+def _check_group(arrays: object, op: object, fusion_bytes: int | None) -> tuple[str, int]:
+    """The arguments every grouped call shares: a list or tuple, an op, a threshold."""
+    if not isinstance(arrays, (list, tuple)):
+        raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
+    return ops.resolve_op(op), fusion_threshold(fusion_bytes)
+
+
 def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
                        fusion_bytes: int | None = None) -> list[np.ndarray]:
     """All-reduce every array in `arrays` in place, fused into few ring all-reduces; return them.
@@ -170,18 +177,21 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     rounding for sums, whose order depends on where an element sits in the ring's chunks) and
     is bitwise identical on every rank.
     """
-    if not isinstance(arrays, (list, tuple)):
-        raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
-    op = ops.resolve_op(op)
-    threshold = fusion_threshold(fusion_bytes)
+    try:   # a rank refusing its arguments makes the others' call fail too, not wait for it
+        op, threshold = _check_group(arrays, op, fusion_bytes)
+        if not isinstance(arrays, FlatViews):
+            arrays = [_check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+            if len({array_module(a) for a in arrays}) > 1:
+                raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device "
+                                "arrays in separate calls")
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
         owner = arrays.owner                          # (ranks must agree on all its shapes)
         for span in owner.buckets(threshold):
             _reduce_(span, op, span.shape, None, len(owner.shapes), owner.layout)
         return list(arrays)
-    arrays = [_check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-    if len({array_module(a) for a in arrays}) > 1:
-        raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device arrays in separate calls")
     plan = plan_buckets([a.nbytes for a in arrays], [a.dtype for a in arrays], threshold)
     for bucket in plan:
         _reduce_bucket([arrays[i] for i in bucket], op)
@@ -195,15 +205,16 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
     The outputs are views into one fresh FlatBuffer per dtype: the inputs are copied in once,
     and the reduction itself needs no further copy.
     """
-    if not isinstance(arrays, (list, tuple)):
-        raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
-    op = ops.resolve_op(op)
-    fusion_threshold(fusion_bytes)                      # validate before copying anything
-    sources = []
-    for i, x in enumerate(arrays):
-        a = array_module(x).asarray(x)                # CuPy arrays stay on their GPU
-        ops.check_dtype(a.dtype, f"arrays[{i}]")
-        sources.append(a)
+    try:                                                # validate before copying anything
+        op, _ = _check_group(arrays, op, fusion_bytes)
+        sources = []
+        for i, x in enumerate(arrays):
+            a = array_module(x).asarray(x)            # CuPy arrays stay on their GPU
+            ops.check_dtype(a.dtype, f"arrays[{i}]")
+            sources.append(a)
+    except (TypeError, ValueError) as exc:
+        _refuse(exc)
+        raise
     outputs: list[np.ndarray | None] = [None] * len(sources)
     for xp, dtype in dict.fromkeys((array_module(a), a.dtype) for a in sources):
         members = [i for i, a in enumerate(sources) if array_module(a) is xp and a.dtype == dtype]

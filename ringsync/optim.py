@@ -14,7 +14,7 @@ import numpy as np
 
 from . import ops
 from .collectives import broadcast_
-from .fusion import contiguous_span, grouped_allreduce_
+from .fusion import grouped_allreduce_
 from .nn import Params
 
 
@@ -121,6 +121,7 @@ def broadcast_parameters(params: Params | Mapping[str, np.ndarray] | Sequence[np
         arrays = list(params)
     else:
         raise TypeError(f"params must be Params, a dict or a list of arrays, got {type(params).__name__}")
-    span = contiguous_span(arrays) if len(arrays) > 1 else None
-    for a in ([span] if span is not None else arrays):
+    # One broadcast per array: how the arrays happen to lie in memory may differ between
+    # ranks, so it must not decide how many calls each rank makes.
+    for a in arrays:
         broadcast_(a, root=root)

@@ -41,7 +41,6 @@ import numpy as np
 
 from . import config
 from .context import world
-from .tree import dissemination_barrier
 
 MODES = ("off", "passive", "barrier")
 DEFAULT_MODE = "passive"
@@ -211,7 +210,10 @@ class Recorder:
         if not self.synced:                    # the step's first collective: its sync point
             self.synced = True
             if self.mode == "barrier":
-                dissemination_barrier(world().comm)
+                # ringsync's own barrier, guarded like every collective: a rank that is in
+                # another call (or has joined) meets it with an error, not a hang.
+                from .collectives import barrier  # (collectives imports this module)
+                barrier()
                 t1 = now()
                 self.barrier_s = t1 - t0
                 self._span("barrier", t0, t1)

@@ -60,3 +60,14 @@ def test_name_byte_order_and_fused_layout(rs):
         ro = np.ones(2)
         ro.flags.writeable = False
         rs.broadcast_(ro)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_one_rank_refusing_a_grouped_call_fails_it_on_every_rank(rs):
+    from mpitools import assert_everywhere
+
+    good = [np.ones(4), np.ones((3, 3))]
+    mine = [good[0], np.ones((3, 6))[:, ::2]] if MPI.COMM_WORLD.rank == 1 else good
+    with pytest.raises(ValueError):
+        rs.grouped_allreduce_(mine)          # rank 1: not C-contiguous; the others: refused
+    assert_everywhere(np.array_equal(rs.allreduce(np.ones(3)), np.full(3, MPI.COMM_WORLD.size)))
