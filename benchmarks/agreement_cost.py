@@ -9,10 +9,10 @@ straight back through MPI.COMM_SELF: no partner process to wait for, so on a loa
 machine it isolates the CPU work the check adds (the ratio is then an upper bound: a real
 partner adds latency to both sides).
 """
-import argparse
 import statistics
 import time
 
+import benchlib as bl
 import numpy as np
 from mpi4py import MPI
 
@@ -35,7 +35,7 @@ class Loopback:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bl.Parser(prog="agreement_cost.py", description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", type=int, default=4096, help="buffer size (default 4096)")
     parser.add_argument("--rounds", type=int, default=31, help="on/off pairs (default 31)")
     parser.add_argument("--iters", type=int, default=1000, help="calls per block (default 1000)")

@@ -15,11 +15,12 @@ likely one of them is slow. The table shows that formula beside the measurement.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+
+import benchlib as bl
 
 import ringsync as rs
 from ringsync import timing, train
@@ -38,7 +39,7 @@ def run_case(trainer: train.Trainer, batches: list, steps: int, stragglers: dict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bl.Parser(prog="jitter.py", description=__doc__.splitlines()[0])
     parser.add_argument("--delays", default="0,0.005,0.01,0.02,0.05", help="straggler delays, seconds")
     parser.add_argument("--jitters", default="exp:0.002,exp:0.005", help="jitter distributions")
     parser.add_argument("--steps", type=int, default=40, help="steps per case (40)")

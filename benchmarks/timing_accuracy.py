@@ -9,10 +9,10 @@ rank (expected wait 0, measured 0 by construction) is left out of the error figu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
+import benchlib as bl
 import numpy as np
 
 import ringsync as rs
@@ -20,7 +20,7 @@ from ringsync import timing
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bl.Parser(prog="timing_accuracy.py", description=__doc__.splitlines()[0])
     parser.add_argument("--delay", type=float, default=0.004, help="seconds per rank step (0.004)")
     parser.add_argument("--steps", type=int, default=60, help="steps per mode (60)")
     parser.add_argument("--count", type=int, default=1000, help="float32 elements all-reduced (1000)")

@@ -12,12 +12,12 @@ injected.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
+import benchlib as bl
 import numpy as np
 
 import ringsync as rs
@@ -53,7 +53,7 @@ def component_costs(n: int = 20000) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bl.Parser(prog="timing_overhead.py", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="blocks per mode (30)")
     parser.add_argument("--steps", type=int, default=200, help="steps per block (200)")
     parser.add_argument("--train-args", default="--dataset digits",

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = load(args.path)
         if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
             raise UsageError(f"--plot {args.plot}: its folder does not exist")
+        if args.plot and os.path.isdir(args.plot):
+            raise UsageError(f"--plot {args.plot}: is a folder; name the image file")
         report = {"ranks": doc["ranks"],
                   "straggler": {"mode": "?", "steps": 0, "wall_s": 0.0, **doc["straggler"]}}
         if not 0 <= report["straggler"]["slowest_rank"] < len(doc["ranks"]):

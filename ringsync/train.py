@@ -281,7 +281,9 @@ class Trainer:
             if name not in params or params[name].shape != self.params.value[name].shape:
                 raise CheckpointError(f"--resume {path}: parameter {name} missing or mis-shaped")
         perm = optim.pop("permutation", None)
-        step = int(meta["step"])
+        if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+            raise CheckpointError(f"--resume {path}: checkpoint has no valid step count")
+        step = meta["step"]
         expected = epoch_permutation(self.args.seed, step // self.steps_per_epoch, len(self.data.x_train))
         if perm is None or not np.array_equal(perm, expected):
             raise CheckpointError(f"--resume {path}: stored sample order differs from this NumPy's; "
