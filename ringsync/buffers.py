@@ -441,8 +441,8 @@ def allreduce_device_(flat: Any, op: str, contributors: int = 0) -> None:
         if w.size > 1 and flat.size:
             if transport(w) == CUDA_AWARE:
                 dev.stream.synchronize()   # the user's kernels writing `flat` must be done
-                # ring.py receives into two halves of scratch, in turn
-                scratch = dev.scratch("device", 2 * chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
+                # ring.py's receive buffer: room for the largest chunk (chunk 0)
+                scratch = dev.scratch("device", chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
                 ring_allreduce_(flat, w.comm, _synced(getattr(cp, ops.OPS[op].__name__), dev.stream),
                                 scratch=scratch)
             else:

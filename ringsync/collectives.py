@@ -12,7 +12,7 @@ from . import buffers, join, ops, timing
 from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
 from .ring import ring_allgather_, ring_allreduce_
-from .ring_fast import choose, pipelined_ring_allreduce_, tuning
+from .ring_fast import checked_ring_allreduce_, choose, pipelined_ring_allreduce_, tuning
 from .small import recursive_doubling_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
 
@@ -77,8 +77,11 @@ def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
                 pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(
                     2 * min(segment, largest_chunk), flat.dtype), segment, guard)
             else:
-                ring_allreduce_(flat, w.comm, reduce, scratch=w.scratch(2 * largest_chunk, flat.dtype),
-                                guard=guard)
+                scratch = w.scratch(2 * largest_chunk, flat.dtype)
+                if guard is None:
+                    ring_allreduce_(flat, w.comm, reduce, scratch)
+                else:
+                    checked_ring_allreduce_(flat, w.comm, reduce, scratch, guard)
     elif guard is not None:
         guard.agree(w.comm)         # no data, but the ranks must still agree
     if guard is not None and guard.bad:

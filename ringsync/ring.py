@@ -57,13 +57,11 @@ def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:
 
 def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
                     scratch: np.ndarray | None = None,
-                    observe: Observer | None = None, guard: Guard | None = None) -> np.ndarray:
+                    observe: Observer | None = None) -> np.ndarray:
     """Reduce the 1-D contiguous `buf` across all ranks of `comm`, in place, with `reduce`.
 
     `reduce` is a binary ufunc (np.add, np.minimum, ...). `scratch` is an optional receive
-    buffer with room for two of the largest chunk (chunk 0); passing one avoids an allocation.
-    `guard` (agreement.py) checks that every rank makes the same call: if it finds they do
-    not, the ring stops after the reduce-scatter with `buf` untouched and `guard.bad` set.
+    buffer with room for the largest chunk (chunk 0); passing one avoids an allocation.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.size == 0:
@@ -72,35 +70,20 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
 
     # Views into buf, one per chunk: no copies, the ring works on the buffer itself.
     chunks = [buf[start:stop] for start, stop in chunk_bounds(buf.size, p)]
-    largest = chunks[0].size
-    if scratch is None or scratch.size < 2 * largest:
-        scratch = np.empty(2 * largest, dtype=buf.dtype)
+    if scratch is None:
+        scratch = np.empty(chunks[0].size, dtype=buf.dtype)
 
     # Phase 1: reduce-scatter. At step s rank r sends chunk r-s and receives chunk r-s-1,
     # which it folds into its own copy. The chunk it sends at step s+1 is the one it just
     # reduced, so partial sums keep moving right, one contribution richer per hop.
-    outgoing = chunks[r]
     for step in range(p - 1):
+        outgoing = chunks[(r - step) % p]
         mine = chunks[(r - step - 1) % p]
-        start = largest if step % 2 else 0       # scratch's two halves take turns (see below)
-        incoming = scratch[start:start + mine.size]
-        if guard is None:
-            comm.Sendrecv(outgoing, dest=right, recvbuf=incoming, source=left)
-            reduce(mine, incoming, out=mine)
-            outgoing = mine
-        else:
-            guard.sendrecv(comm, outgoing, right, incoming, left)
-            if guard.bad:
-                continue        # keep stepping (every rank sends p-1 messages), reduce nothing
-            # Guarded: until all p-1 steps have agreed, the partial sums stay in scratch (the
-            # one to send next in one half while the other receives), so a call the ranks
-            # disagree on leaves buf as it was. Only the last step writes into buf.
-            outgoing = mine if step == p - 2 else incoming
-            reduce(mine, incoming, out=outgoing)
+        incoming = scratch[:mine.size]
+        comm.Sendrecv(outgoing, dest=right, recvbuf=incoming, source=left)
+        reduce(mine, incoming, out=mine)
         if observe:
             observe("reduce-scatter", step)
-    if guard is not None and guard.bad:
-        return buf
 
     # Rank r now owns the fully reduced chunk r+1. Phase 2 passes the owned chunks around.
     ring_allgather_(chunks, comm, owned=(r + 1) % p, observe=observe)
@@ -113,7 +96,7 @@ def ring_allgather_(chunks: list[np.ndarray], comm: MPI.Comm, owned: int,
 
     Chunks may have different sizes (allgather of ragged arrays uses that), but every rank
     must pass the same sizes. Rank r+1 must own chunk owned+1, and so on around the ring.
-    With a `guard`, every step checks the ranks' agreement (see ring_allreduce_).
+    With a `guard`, every step also checks that all ranks make the same call (agreement.py).
     """
     p = comm.Get_size()
     right, left = (comm.Get_rank() + 1) % p, (comm.Get_rank() - 1) % p

@@ -1,6 +1,13 @@
-"""The ring of ring.py, made fast for large buffers: pipelined segments, no allocation per call.
+"""The ring of ring.py, as the library runs it: checked, planned once, pipelined when large.
 
-Same algorithm, same result bits as ring.py (read that first). Three changes pay here:
+Same algorithm, same result bits as ring.py (read that first). Two variants live here.
+
+checked_ring_allreduce_ carries the cross-rank agreement check (agreement.py) on its own
+reduce-scatter messages, so checking costs no extra message. Until every step has agreed,
+partial sums travel in the two halves of a scratch buffer instead of the caller's buffer:
+a call the ranks disagree on leaves the input intact (join.py redoes it from there).
+
+pipelined_ring_allreduce_ is for large buffers. Three changes pay there:
 
 1. Segments. In the reduce-scatter each chunk travels in segments of `segment` bytes
    (RINGSYNC_SEGMENT_BYTES). A segment lands in a small scratch buffer that stays in the
@@ -11,7 +18,7 @@ Same algorithm, same result bits as ring.py (read that first). Three changes pay
    All sends of a step are posted at once (Isend): the chunk being sent is not written in
    that step, so nothing has to wait for it.
 3. Plans and scratch are cached: chunk and segment bounds per (n, p, segment), receive
-   buffers from the World's scratch cache. A call allocates nothing.
+   buffers from the World's scratch cache. A call allocates no buffer.
 
 The all-gather needs no change: it already receives each chunk straight into place.
 """
@@ -42,6 +49,35 @@ def ring_plan(n: int, p: int, segment: int) -> tuple[tuple[slice, ...], tuple[tu
     segments = tuple(tuple(slice(s, min(s + segment, b)) for s in range(a, b, segment)) or (slice(a, a),)
                      for a, b in bounds)
     return chunks, segments
+
+
+def checked_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
+                            scratch: np.ndarray, guard: Guard) -> np.ndarray:
+    """ring.ring_allreduce_ with the agreement check on its reduce-scatter; in place, same bits.
+
+    `scratch` holds two of the largest chunk. If the ranks disagree, every rank still makes
+    its p-1 steps, `buf` stays untouched and `guard.bad` is set.
+    """
+    p, r = comm.Get_size(), comm.Get_rank()
+    if p == 1 or buf.size == 0:
+        return buf
+    right, left = (r + 1) % p, (r - 1) % p
+    chunks = [buf[s] for s in ring_plan(buf.size, p, max(buf.size, 1))[0]]
+    largest = chunks[0].size
+    outgoing = chunks[r]
+    for step in range(p - 1):
+        mine = chunks[(r - step - 1) % p]
+        start = largest if step % 2 else 0       # the halves take turns: one sends, one receives
+        incoming = scratch[start:start + mine.size]
+        guard.sendrecv(comm, outgoing, right, incoming, left)
+        if guard.bad:
+            continue            # keep stepping (every rank sends p-1 messages), reduce nothing
+        # The partial sum stays in scratch, to be sent next; only the last step writes buf.
+        outgoing = mine if step == p - 2 else incoming
+        reduce(mine, incoming, out=outgoing)
+    if not guard.bad:
+        ring_allgather_(chunks, comm, owned=(r + 1) % p)
+    return buf
 
 
 def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
