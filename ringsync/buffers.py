@@ -396,7 +396,9 @@ def decide_transport(setting: str, probe: Callable[[], tuple[bool, str]]) -> tup
 def transport(w: World | None = None) -> str:
     """'cuda-aware' or 'staged': how this rank moves device buffers. Decided once per World,
     from RINGSYNC_CUDA_AWARE (auto|0|1) and, for auto, the MPI library's own answer.
-    Ranks may differ: both transports put the same bytes on the wire."""
+    Every rank must end up with the same one: the staged transport sends a chunk in segments,
+    the CUDA-aware one in one message. One MPI installation answers `auto` alike on every
+    rank; with a mix of installations, set RINGSYNC_CUDA_AWARE explicitly everywhere."""
     w = w or world()
     if "transport" not in w.backends:
         setting = config.env_str("RINGSYNC_CUDA_AWARE", "auto", ("auto", "0", "1"))
