@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ringsync.files import atomic_write, atomic_write_text
+
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 # nccl-tests' type names, and NumPy's, for -d.
@@ -180,16 +182,8 @@ def _cpu_model() -> str:
 
 def write_atomic(path: str, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -225,16 +219,9 @@ def save_plot(path: str, draw: Callable[[Any], None]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw(ax)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     finally:
         plt.close(fig)
 

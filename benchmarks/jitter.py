@@ -15,8 +15,6 @@ likely one of them is slow. The table shows that formula beside the measurement.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -88,10 +86,7 @@ def main() -> int:
         print("(wait: mean over the ranks that were not injected as stragglers; expected: the delay, "
               "or m(H_p - 1) for exp jitter)")
         if args.json:
-            tmp = f"{args.json}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"ranks": p, "steps": args.steps, "rows": rows}, f, indent=2)
-            os.replace(tmp, args.json)
+            bl.write_json(args.json, {"ranks": p, "steps": args.steps, "rows": rows})
     return 0
 
 

@@ -12,8 +12,6 @@ injected.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -106,10 +104,7 @@ def main() -> int:
         print(f"components: probes {1e6 * probe_s:.2f} us of CPU per step (passive and barrier); "
               f"barrier {1e6 * barrier_s:.2f} us per step (barrier mode only)")
         if args.json:
-            tmp = f"{args.json}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
-            os.replace(tmp, args.json)
+            bl.write_json(args.json, result)
     return 0
 
 

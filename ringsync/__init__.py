@@ -6,10 +6,17 @@
 """
 from .agreement import MismatchError
 from .buffers import GPUUnavailable, array_module, use_gpu
-from .collectives import (allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast,
-                          broadcast_)
-from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
+from .collectives import (
+                          allgather,
+                          allreduce,
+                          allreduce_,
+                          allreduce_fused_,
+                          barrier,
+                          broadcast,
+                          broadcast_,
+)
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
+from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
 from .join import join
 from .ops import Average, Max, Min, Sum
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
@@ -17,11 +24,33 @@ from .optim import SGD, DistributedOptimizer, broadcast_parameters
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
-    "allreduce", "allreduce_", "broadcast", "broadcast_", "allgather", "barrier",
-    "allreduce_fused_", "join", "MismatchError",
-    "Sum", "Average", "Min", "Max",
-    "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
-    "SGD", "DistributedOptimizer", "broadcast_parameters",
-    "use_gpu", "array_module", "GPUUnavailable",
+                          "SGD",
+                          "Average",
+                          "DistributedOptimizer",
+                          "FlatBuffer",
+                          "GPUUnavailable",
+                          "Max",
+                          "Min",
+                          "MismatchError",
+                          "Sum",
+                          "allgather",
+                          "allreduce",
+                          "allreduce_",
+                          "allreduce_fused_",
+                          "array_module",
+                          "barrier",
+                          "broadcast",
+                          "broadcast_",
+                          "broadcast_parameters",
+                          "grouped_allreduce",
+                          "grouped_allreduce_",
+                          "init",
+                          "is_initialized",
+                          "join",
+                          "local_rank",
+                          "local_size",
+                          "rank",
+                          "shutdown",
+                          "size",
+                          "use_gpu",
 ]

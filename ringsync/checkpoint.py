@@ -13,8 +13,6 @@ target: a crash mid-write leaves the old checkpoint intact, never a torn one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,28 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from .files import atomic_write
+
 FORMAT = "ringsync-checkpoint-1"
 OPTIM_PREFIX = "optimizer/"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says why, in one line."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: str | Path, params: Mapping[str, np.ndarray],

@@ -12,7 +12,12 @@ from . import buffers, join, ops, timing
 from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
 from .ring import ring_allgather_, ring_allreduce_
-from .ring_fast import checked_ring_allreduce_, choose, pipelined_ring_allreduce_, tuning
+from .ring_fast import (
+    checked_ring_allreduce_,
+    choose,
+    pipelined_ring_allreduce_,
+    tuning,
+)
 from .small import recursive_doubling_allreduce_
 from .tree import dissemination_barrier, tree_broadcast_
 
@@ -27,7 +32,7 @@ def _as_array(x: object, arg: str) -> np.ndarray:
     else:
         try:
             arr = np.asarray(x)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the argument named
+        except Exception as exc:
             raise TypeError(f"{arg} must be an array, got {type(x).__name__}") from exc
     ops.check_dtype(arr.dtype, arg)
     return arr

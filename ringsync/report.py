@@ -10,9 +10,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
+from .files import atomic_write
 from .timing import format_report
 
 PHASES = (("compute_s", "compute", "tab:blue"), ("wait_s", "wait", "tab:red"),
@@ -82,15 +82,8 @@ def plot(doc: dict[str, Any], out: str) -> None:
     if waits:
         lines.legend(fontsize="small")
     fig.tight_layout()
-    folder, ext = os.path.dirname(os.path.abspath(out)), os.path.splitext(out)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_write(out, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
 

@@ -14,14 +14,13 @@ and writes the merged file atomically. The waits themselves never depend on this
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
 from .context import world
+from .files import atomic_write_text
 
 Span = tuple[str, float, float, int]     # (name, start, end, step), seconds on the local clock
 _TAG = 4242                              # a tag of its own on ringsync's private communicator
@@ -103,16 +102,8 @@ def trace_events(per_rank: list[list[Span]], offsets: np.ndarray) -> list[dict[s
 
 
 def write_json_atomically(path: str, obj: Any) -> None:
-    """Write obj as JSON to a temporary file beside `path`, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write obj as JSON to `path`, atomically."""
+    atomic_write_text(path, json.dumps(obj))
 
 
 def write_merged(path: str, spans: list[Span], straggler: dict[str, Any]) -> None:

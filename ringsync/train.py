@@ -28,7 +28,7 @@ import numpy as np
 import ringsync as rs
 
 from . import buffers, timing
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (
     DataError,
     Dataset,
@@ -39,6 +39,7 @@ from .data import (
     steps_per_epoch,
     synthetic_dataset,
 )
+from .files import atomic_write_text
 from .nn import MLP
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
@@ -414,7 +415,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     if rs.rank() == 0:
         if args.report:
             text = json.dumps(report, indent=2) + "\n"
-            atomic_write(args.report, lambda f: f.write(text.encode()))
+            atomic_write_text(args.report, text)
         if not args.quiet:
             print(f"{PROG}: {trainer.step} steps ({report['epochs']:.3g} epochs): final loss "
                   f"{final_loss:.4f}, train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "

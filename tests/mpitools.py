@@ -30,7 +30,8 @@ def run_mpi(nranks: int, args: list[str], timeout: float = 120) -> subprocess.Co
     """Run `python args...` on `nranks` ranks in a fresh MPI job; never longer than `timeout`."""
     cmd = mpiexec_command() + ["-n", str(nranks), sys.executable, *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
 
 
 def assert_everywhere(ok: bool, message: str = "") -> None:

@@ -4,7 +4,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mpi4py import MPI
-
 from mpitools import assert_everywhere, same_bits_everywhere
 
 DTYPES = ["float16", "float32", "float64", "int32", "int64"]

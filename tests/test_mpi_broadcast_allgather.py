@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from mpitools import assert_everywhere, same_bits_everywhere
 
 COMM = MPI.COMM_WORLD

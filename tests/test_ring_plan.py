@@ -1,4 +1,5 @@
 """Serial tests of the pure logic: the chunk plan, the op table, dtype checks."""
+import itertools
 import re
 
 import numpy as np
@@ -15,7 +16,7 @@ def test_chunks_tile_the_buffer_and_differ_by_at_most_one(n, p):
     bounds = chunk_bounds(n, p)
     assert len(bounds) == p
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) - min(sizes) <= 1
     assert sizes[0] == max(sizes), "chunk 0 is the largest, so it sizes the scratch buffer"
