@@ -35,12 +35,13 @@ def _as_array(x: object, arg: str) -> np.ndarray:
 
 def _check_inplace(x: object, arg: str) -> np.ndarray:
     """An in-place call needs a writeable, C-contiguous NumPy (or CuPy) array it can fill."""
-    if not isinstance(x, np.ndarray) and not buffers.is_device_array(x):
+    if type(x) is not np.ndarray and not isinstance(x, np.ndarray) and not buffers.is_device_array(x):
         raise TypeError(f"{arg} must be a numpy.ndarray for an in-place call, got {type(x).__name__}")
     ops.check_dtype(x.dtype, arg)
-    if not getattr(x.flags, "writeable", True):   # CuPy arrays are always writeable
+    flags = x.flags                     # (a new object on every read)
+    if not getattr(flags, "writeable", True):   # CuPy arrays are always writeable
         raise ValueError(f"{arg} is read-only; an in-place call must write into it")
-    if not x.flags.c_contiguous:
+    if not flags.c_contiguous:
         raise ValueError(f"{arg} is not C-contiguous; use the out-of-place form or np.ascontiguousarray")
     return x
 
@@ -63,7 +64,7 @@ def _allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None = None,
     number of ranks whose data counts for an average (join.py), all of them by default.
     """
     w = world()
-    if buffers.is_device_array(flat):
+    if type(flat) is not np.ndarray and buffers.is_device_array(flat):
         return _allreduce_device_(flat, op, guard, contributors)
     if w.size > 1 and flat.size:
         settings = tuning()
@@ -131,7 +132,8 @@ def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.
         op = ops.resolve_op(op)
         flat = _check_inplace(x, "x")
         flat = flat if flat.ndim == 1 else flat.reshape(-1)   # reshape costs ~0.1 us; skip it
-        _check_name(name)
+        if name is not None:
+            _check_name(name)
     except (TypeError, ValueError) as exc:
         _refuse(exc)
         raise
@@ -171,7 +173,10 @@ def _reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None, group: i
     guard = checker.arm(ALLREDUCE, op, flat.dtype, shape, -1, group, layout, name)
     if checker.finite:
         _check_finite(flat, guard, name)
-    _allreduce_flat_(flat, op, guard)
+    if timing.idle():       # no step being timed: skip the probe's wrapper (~0.15 us a call)
+        _allreduce_flat_.__wrapped__(flat, op, guard)
+    else:
+        _allreduce_flat_(flat, op, guard)
 
 
 def _check_name(name: object) -> None:

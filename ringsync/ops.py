@@ -31,6 +31,8 @@ _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 def resolve_op(op: object) -> str:
     """Return the canonical op name, or raise ValueError naming the bad value."""
+    if type(op) is str and op in OPS:   # already a canonical name: the common case
+        return op
     name = op.lower() if isinstance(op, str) else op
     if name not in OPS:
         raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
