@@ -102,7 +102,7 @@ class Checker:
             root: int = -1, group: int = 1, layout: int = 0,
             name: str | None = None) -> Checker | None:
         """Count and fingerprint this call; returns the guard for the algorithm, or None if off."""
-        self.calls += 1
+        calls = self.calls = self.calls + 1
         if not self.enabled:
             return None
         # Hashing the signature is the costly part, and a training loop makes the same calls
@@ -116,8 +116,8 @@ class Checker:
                               root, group, layout, _name_code(name) if name else 0)
             self._hash = hash(self.signature) % self._space   # small ints are cheaper
             self.name = name
-        self.call = self.calls
-        self.tag = 2 + 2 * ((self._hash + self.call) % self._space)
+        self.call = calls
+        self.tag = 2 + 2 * ((self._hash + calls) % self._space)
         self.bad = self.flags = 0
         return self
 

@@ -26,7 +26,7 @@ SUPPORTED_DTYPES: tuple[np.dtype, ...] = tuple(np.dtype(t) for t in (
     "uint8", "uint16", "uint32", "uint64",
 ))
 
-_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+SUPPORTED = frozenset(SUPPORTED_DTYPES)     # for `in` on the hot path
 
 
 def resolve_op(op: object) -> str:
@@ -41,7 +41,7 @@ def resolve_op(op: object) -> str:
 
 def check_dtype(dtype: np.dtype, arg: str = "x") -> None:
     """Raise TypeError unless `dtype` is one ringsync can reduce."""
-    if dtype not in _SUPPORTED and np.dtype(dtype) not in _SUPPORTED:  # a set: hot path
+    if dtype not in SUPPORTED and np.dtype(dtype) not in SUPPORTED:  # a set: hot path
         names = ", ".join(d.name for d in SUPPORTED_DTYPES)
         dt = np.dtype(dtype)
         order = f" ({dt.str}: not this machine's byte order)" if not dt.isnative else ""
