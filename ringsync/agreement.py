@@ -88,8 +88,8 @@ class Checker:
         self.signature: tuple = ()     # (kind, op, dtype, shape, root, group, layout, name code)
         self.call = 0                   # the call counter when the current call was armed
         self.name: str | None = None
-        self._args: tuple = (None,) * 8    # arm()'s arguments and their hash, last time
-        self._hash = 0
+        self._args: tuple = (None,) * 8    # arm()'s arguments last time, and the hash of
+        self._hash = 0                      # their signature (modulo the tag space)
         self.status = MPI.Status()
         self.joined: set[int] = set()    # ranks seen (by every rank alike) to have joined
         self.last_joined = -1

@@ -54,7 +54,7 @@ def _refuse(exc: BaseException) -> None:
 
 
 def _allreduce_plain_(flat: np.ndarray, op: str, guard: Checker | None = None,
-                     contributors: int = 0) -> None:
+                      contributors: int = 0) -> None:
     """All-reduce a contiguous 1-D buffer, then the average's division if asked.
 
     The algorithm goes by size (ring_fast.choose; README: RINGSYNC_ALLREDUCE and friends):
@@ -73,7 +73,7 @@ def _allreduce_plain_(flat: np.ndarray, op: str, guard: Checker | None = None,
         if algorithm == "doubling":
             recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(n, flat.dtype), guard)
         else:
-            largest_chunk = -(-flat.size // w.size)     # chunk 0, ceil(n / p) elements
+            largest_chunk = -(-n // w.size)     # chunk 0, ceil(n / p) elements
             if algorithm == "pipelined":
                 segment = max(1, settings.segment_bytes // flat.itemsize)
                 pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(

@@ -403,7 +403,7 @@ class span:
 
 
 def idle() -> bool:
-    """True when no step is being timed: a probed collective may then call fn.__wrapped__."""
+    """True when no step is being timed: a probed collective may then skip its probe."""
     rec = _rec
     return rec is None or rec.start_t is None
 
