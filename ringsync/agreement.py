@@ -8,8 +8,8 @@ every reduction: an extra message, paid on every call.
 
 The trick used here: a fingerprint that travels WITH the data, at no extra message.
   * Each call hashes its signature (which collective, op, dtype, shape, root, number of
-    tensors, name, and a call counter that catches calls made in a different order) and
-    folds it into the MPI *tag* of its messages. The payload is untouched.
+    tensors, name), adds a call counter that catches calls made in a different order, and
+    folds that into the MPI *tag* of its messages. The payload is untouched.
   * Every guarded collective starts with the same p-1 "ring steps": send right, receive
     from the left. For the ring all-reduce these are just its reduce-scatter steps, so the
     check rides on messages that are sent anyway; broadcast and barrier send p-1 empty ones.
@@ -85,8 +85,11 @@ class Checker:
         self.tag = 0
         self.bad = 0        # 1 once this rank knows the current call went wrong somewhere
         self.flags = 0
-        self.signature: tuple = ()
+        self.signature: tuple = ()     # (kind, op, dtype, shape, root, group, layout, name code)
+        self.call = 0                   # the call counter when the current call was armed
         self.name: str | None = None
+        self._args: tuple = (None,) * 8    # arm()'s arguments last time, and the hash of
+        self._hash = 0                      # their signature (modulo the tag space)
         self.status = MPI.Status()
         self.joined: set[int] = set()    # ranks seen (by every rank alike) to have joined
         self.last_joined = -1
@@ -99,13 +102,22 @@ class Checker:
             root: int = -1, group: int = 1, layout: int = 0,
             name: str | None = None) -> Checker | None:
         """Count and fingerprint this call; returns the guard for the algorithm, or None if off."""
-        self.calls += 1
+        calls = self.calls = self.calls + 1
         if not self.enabled:
             return None
-        self.signature = (kind, OP_CODES.get(op, 0), DTYPE_CODES.get(dtype, 0), shape,
-                          root, group, layout, self.calls, _name_code(name) if name else 0)
-        self.name = name
-        self.tag = 2 + 2 * (hash(self.signature) % self._space)
+        # Hashing the signature is the costly part, and a training loop makes the same calls
+        # over and over: hash each new signature once, then add the call counter to the hash
+        # (calls made in a different order still give different tags). `dtype is` first:
+        # NumPy says dtype('float64') == None.
+        args = (kind, op, dtype, shape, root, group, layout, name)
+        if dtype is not self._args[2] or args != self._args:
+            self._args = args
+            self.signature = (kind, OP_CODES.get(op, 0), DTYPE_CODES.get(dtype, 0), shape,
+                              root, group, layout, _name_code(name) if name else 0)
+            self._hash = hash(self.signature) % self._space   # small ints are cheaper
+            self.name = name
+        self.call = calls
+        self.tag = 2 + 2 * ((self._hash + calls) % self._space)
         self.bad = self.flags = 0
         return self
 
@@ -186,9 +198,9 @@ class Checker:
 
     def record(self) -> np.ndarray:
         """This call's signature as a fixed-width int64 row."""
-        kind, op, dtype, shape, root, group, layout, call, _ = self.signature
+        kind, op, dtype, shape, root, group, layout, _ = self.signature
         row = np.zeros(_WIDTH, dtype=np.int64)
-        row[:_COUNT] = kind, op, dtype, root, group, layout, call, self.flags
+        row[:_COUNT] = kind, op, dtype, root, group, layout, self.call, self.flags
         row[_COUNT] = np.prod(shape, dtype=np.int64)
         row[_NDIM] = len(shape)
         dims = shape[:_MAX_DIMS]

@@ -28,6 +28,7 @@ class World:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self._scratch: dict[np.dtype, np.ndarray] = {}
+        self._views: dict[np.dtype, np.ndarray] = {}
         # MPI errors as exceptions (the agreement check catches truncation), then the
         # cross-rank agreement check and the stall inspector's watchdog thread.
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
@@ -39,11 +40,15 @@ class World:
 
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
         """A reusable 1-D buffer of at least `count` elements: no allocation per call."""
+        view = self._views.get(dtype)       # the view handed out last time, if the same size
+        if view is not None and view.size == count:
+            return view
         buf = self._scratch.get(dtype)
         if buf is None or buf.size < count:
             buf = np.empty(max(count, 1), dtype=dtype)
             self._scratch[dtype] = buf
-        return buf[:count]
+        view = self._views[dtype] = buf[:count]
+        return view
 
     def free(self) -> None:
         if self.inspector is not None:
@@ -52,6 +57,7 @@ class World:
             if c != MPI.COMM_NULL:
                 c.Free()
         self._scratch.clear()
+        self._views.clear()
         self.backends.clear()
 
 

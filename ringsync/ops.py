@@ -26,11 +26,13 @@ SUPPORTED_DTYPES: tuple[np.dtype, ...] = tuple(np.dtype(t) for t in (
     "uint8", "uint16", "uint32", "uint64",
 ))
 
-_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+SUPPORTED = frozenset(SUPPORTED_DTYPES)     # for `in` on the hot path
 
 
 def resolve_op(op: object) -> str:
     """Return the canonical op name, or raise ValueError naming the bad value."""
+    if type(op) is str and op in OPS:   # already a canonical name: the common case
+        return op
     name = op.lower() if isinstance(op, str) else op
     if name not in OPS:
         raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
@@ -39,7 +41,7 @@ def resolve_op(op: object) -> str:
 
 def check_dtype(dtype: np.dtype, arg: str = "x") -> None:
     """Raise TypeError unless `dtype` is one ringsync can reduce."""
-    if dtype not in _SUPPORTED and np.dtype(dtype) not in _SUPPORTED:  # a set: hot path
+    if dtype not in SUPPORTED and np.dtype(dtype) not in SUPPORTED:  # a set: hot path
         names = ", ".join(d.name for d in SUPPORTED_DTYPES)
         dt = np.dtype(dtype)
         order = f" ({dt.str}: not this machine's byte order)" if not dt.isnative else ""

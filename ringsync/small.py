@@ -55,7 +55,23 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.size == 0:
         return buf
-    if guard is not None and p > 2:
+    if p == 2:
+        # Two ranks, the common case, spelled out: one swap, one reduce (no plan to look up).
+        # This one exchange is also the ring's one step, so the agreement check rides on it;
+        # buf is not written unless both ranks agree.
+        partner = 1 - r
+        if guard is not None:
+            guard.sendrecv(comm, buf, partner, scratch, partner)
+            if guard.bad:
+                return buf
+        else:
+            comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+        if r == 1:
+            reduce(scratch, buf, out=buf)   # lower rank's data first
+        else:
+            reduce(buf, scratch, out=buf)
+        return buf
+    if guard is not None:
         guard.agree(comm)                   # p-1 empty guarded ring steps first
         if guard.bad:
             return buf
@@ -72,14 +88,7 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
 
     # Double: swap whole buffers with each partner in turn, reducing in rank order.
     for partner in partners:
-        if guard is not None and p == 2:
-            # Two ranks: this one exchange is also the ring's one step, so the agreement
-            # check rides on it; buf is not written unless both ranks agree.
-            guard.sendrecv(comm, buf, partner, scratch, partner)
-            if guard.bad:
-                return buf
-        else:
-            comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+        comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
         if partner < r:
             reduce(scratch, buf, out=buf)
         else:

@@ -404,6 +404,12 @@ class span:
         mark(self.name, self.t0)
 
 
+def idle() -> bool:
+    """True when no step is being timed: a probed collective may then skip its probe."""
+    rec = _rec
+    return rec is None or rec.start_t is None
+
+
 def probe(fn: Callable) -> Callable:
     """Decorator for a collective: inside a step, time it (and in barrier mode sync first)."""
     @functools.wraps(fn)
