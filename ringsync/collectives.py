@@ -1,8 +1,10 @@
 """The front doors: allreduce, broadcast, allgather and barrier on arrays.
 
-Each one checks its arguments, flattens the array into a contiguous 1-D buffer, and hands
-it to the hand-written algorithms in ring.py and tree.py. Names follow Horovod: a trailing
-underscore means "in place" (the call fills and returns its argument).
+Each one checks its arguments, arms the cross-rank agreement check (agreement.py),
+flattens the array into a contiguous 1-D buffer, and hands it to a hand-written algorithm:
+recursive doubling (small.py), the ring (ring.py, ring_fast.py) or the tree (tree.py);
+CuPy arrays go through buffers.py. Names follow Horovod: a trailing underscore means
+"in place" (the call fills and returns its argument).
 """
 from __future__ import annotations
 

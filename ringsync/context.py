@@ -1,7 +1,8 @@
 """The MPI world ringsync runs in: init, rank and size, local rank, and abort on a crash.
 
-This is the only global state in ringsync: the communicator the collectives use, plus a
-small scratch-buffer cache tied to it.
+The World holds what belongs to one communicator: the private duplicate the collectives
+use, scratch buffers, the agreement checker and the stall inspector. Beyond it ringsync
+keeps only caches (plans, fusion buffers) and the timing recorder.
 """
 from __future__ import annotations
 
