@@ -22,6 +22,7 @@ import benchlib as bl
 
 import ringsync as rs
 from ringsync import timing, train
+from ringsync.inject import parse_jitter
 
 
 def run_case(trainer: train.Trainer, batches: list, steps: int, stragglers: dict, jitter: str | None) -> dict:
@@ -47,7 +48,7 @@ def main() -> int:
         delays = [float(d) for d in args.delays.split(",") if d.strip()]
         jitters = [j for j in args.jitters.split(",") if j.strip()]
         for j in jitters:
-            timing.parse_jitter(j)
+            parse_jitter(j)
     except ValueError as exc:
         parser.error(str(exc))
     if args.steps < 1 or any(not d >= 0 for d in delays):

@@ -11,6 +11,7 @@ import numpy as np
 
 import ringsync as rs
 from ringsync import timing
+from ringsync.straggler import format_report
 
 rs.init()
 grad = np.ones(250_000, dtype=np.float32)     # 1 MB of "gradients"
@@ -40,4 +41,4 @@ for step in range(10):
     timing.end_step()
 report = timing.finish()
 if rs.rank() == 0:
-    print(timing.format_report(report))
+    print(format_report(report))

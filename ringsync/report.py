@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from .files import atomic_write
-from .timing import format_report
+from .straggler import format_report
 
 PHASES = (("compute_s", "compute", "tab:blue"), ("wait_s", "wait", "tab:red"),
           ("allreduce_s", "all-reduce", "tab:green"))

@@ -18,14 +18,15 @@ common part, and the rank that arrived last spent only the common part there:
 
 `passive` mode (the default) takes the step's all-reduce itself as the synchronization point:
 no extra message, and the error is the spread of the ring's finishing times (a chunk step or
-so, since ranks leave the ring at slightly different moments). `barrier` mode runs a
-dissemination barrier just before the step's first all-reduce and times that instead: the
-error shrinks to the barrier's exit spread, at most ceil(log2 p) message latencies, and the
-all-reduce is timed clean, at the price of one more synchronization per step.
+so, since ranks leave the ring at slightly different moments). `barrier` mode runs ringsync's
+barrier() just before the step's first all-reduce and times that instead: the error shrinks
+to the barrier's exit spread, a few message latencies, and the all-reduce is timed clean, at
+the price of one more synchronization per step.
 
 Probes wrap the collective calls (collectives.py marks its all-reduce with `@probe`) and the
 trainer's steps (`begin_step`, `end_step`); nothing below the collectives knows about timing.
-The per-step durations are exchanged with ringsync's own allgather every `every` steps.
+The per-step durations are exchanged with ringsync's own allgather every `every` steps;
+straggler.py turns them into the report, and inject.py adds the experiments' delays.
 """
 from __future__ import annotations
 
@@ -41,11 +42,12 @@ import numpy as np
 
 from . import config
 from .context import world
+from .inject import Delays, parse_jitter, parse_straggler
+from .straggler import split_steps, straggler_report
 
 MODES = ("off", "passive", "barrier")
 DEFAULT_MODE = "passive"
 DEFAULT_EVERY = 1000
-JITTER_KINDS = ("exp", "uniform")
 
 now = time.perf_counter     # one monotonic clock per process; never compared across ranks
 
@@ -60,131 +62,6 @@ class StepRecord:
     compute_s: float
     wait_s: float | None
     allreduce_s: float
-
-
-# --- the maths: from raw durations to compute / wait / transfer, and the straggler report ------
-
-def split_steps(step_s: np.ndarray, barrier_s: np.ndarray, collective_s: np.ndarray,
-                mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(compute, wait, transfer) per rank and step from (ranks, steps) arrays of raw durations.
-
-    The rank with the shortest time in the synchronization point arrived last: its surplus over
-    that shortest time is every other rank's wait. compute + wait + transfer = step_s.
-    """
-    basis = barrier_s if mode == "barrier" else collective_s
-    wait = basis - basis.min(axis=0, keepdims=True) if basis.size else basis.copy()
-    sync = barrier_s + collective_s
-    return step_s - sync, wait, sync - wait
-
-
-def straggler_report(step_s: np.ndarray, barrier_s: np.ndarray, collective_s: np.ndarray,
-                     mode: str) -> dict[str, Any]:
-    """The straggler report from (ranks, steps) arrays of raw per-step durations.
-
-    cost_s is the rank-seconds all ranks spent waiting; cost_fraction divides it by the
-    rank-seconds the steps took in all, i.e. the share of the run lost to waiting.
-    """
-    step_s, barrier_s, collective_s = (np.asarray(a, dtype=np.float64).reshape(np.shape(step_s))
-                                       for a in (step_s, barrier_s, collective_s))
-    if step_s.ndim != 2 or step_s.shape[0] < 1:
-        raise ValueError(f"durations must be (ranks, steps) arrays, got shape {step_s.shape}")
-    compute, wait, transfer = split_steps(step_s, barrier_s, collective_s, mode)
-    p, steps = step_s.shape
-    basis = barrier_s if mode == "barrier" else collective_s
-    # Each step's slowest rank is the one that waited least: everybody waited for it.
-    synced = (barrier_s + collective_s).max(axis=0) > 0
-    slowest = np.bincount(basis.argmin(axis=0)[synced], minlength=p) if steps else np.zeros(p, int)
-    # Overall: the rank that was slowest most often; ties go to the one that computed longest.
-    slowest_rank = int(max(range(p), key=lambda r: (slowest[r], compute[r].sum())))
-    cost = float(wait.sum())
-    total = float(step_s.sum())
-    return {
-        "ranks": [{"rank": r, "compute_s": float(compute[r].sum()), "wait_s": float(wait[r].sum()),
-                   "allreduce_s": float(transfer[r].sum()), "steps_slowest": int(slowest[r])}
-                  for r in range(p)],
-        "straggler": {"slowest_rank": slowest_rank, "cost_s": cost,
-                      "cost_fraction": cost / total if total > 0 else 0.0,
-                      "mode": mode, "steps": steps,
-                      "wall_s": float(step_s.sum(axis=1).mean()) if steps else 0.0,
-                      "wait_per_step_s": [[round(float(w), 6) for w in row] for row in wait]},
-    }
-
-
-def merge_report(doc: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
-    """Put the straggler report into a report JSON document: the timing fields into each
-    doc["ranks"][i] (created if missing) and the `straggler` block at the top. Returns doc."""
-    if report is None:
-        return doc
-    rows = doc.setdefault("ranks", [])
-    rows.extend({"rank": r} for r in range(len(rows), len(report["ranks"])))
-    for row, timing_row in zip(rows, report["ranks"]):
-        row.update(timing_row)
-    doc["straggler"] = report["straggler"]
-    return doc
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The straggler report as a plain-text table (what ringsync-train prints at the end)."""
-    st, p = report["straggler"], len(report["ranks"])
-    steps = st["steps"]
-    lines = [f"straggler report: {p} rank(s), {steps} step(s), timing mode {st['mode']}",
-             f"{'rank':>5} {'compute_s':>10} {'wait_s':>10} {'allreduce_s':>12} {'steps_slowest':>14}"]
-    for row in report["ranks"]:
-        lines.append(f"{row['rank']:>5} {row['compute_s']:>10.4f} {row['wait_s']:>10.4f} "
-                     f"{row['allreduce_s']:>12.4f} {row['steps_slowest']:>14}")
-    slow = report["ranks"][st["slowest_rank"]]["steps_slowest"]
-    lines.append(f"slowest rank: {st['slowest_rank']} (the last to arrive in {slow} of {steps} steps)")
-    lines.append(f"straggler cost: {st['cost_s']:.4f} rank-seconds spent waiting = "
-                 f"{100 * st['cost_fraction']:.1f}% of {p} rank(s) x {st['wall_s']:.3f} s")
-    return "\n".join(lines)
-
-
-# --- straggler injection, for experiments ----------------------------------------------------
-
-def parse_straggler(text: str) -> tuple[int, float]:
-    """'RANK:SECONDS' -> (rank, seconds), e.g. '2:0.05'; ValueError naming the text otherwise."""
-    rank, sep, seconds = str(text).partition(":")
-    try:
-        r, s = int(rank), float(seconds)
-    except ValueError:
-        r, s = -1, -1.0
-    if not sep or r < 0 or not s >= 0 or s == float("inf"):
-        raise ValueError(f"straggler must be RANK:SECONDS with RANK >= 0 and SECONDS >= 0, got {text!r}")
-    return r, s
-
-
-def parse_jitter(text: str) -> tuple[str, float]:
-    """'exp:MEAN' (exponential) or 'uniform:MAX' (uniform on [0, MAX]) -> (kind, seconds)."""
-    kind, sep, scale = str(text).partition(":")
-    try:
-        s = float(scale)
-    except ValueError:
-        s = -1.0
-    if not sep or kind not in JITTER_KINDS or not 0 <= s < float("inf"):
-        raise ValueError(f"jitter must be exp:SECONDS or uniform:SECONDS with SECONDS >= 0, got {text!r}")
-    return kind, s
-
-
-class Delays:
-    """Sleeps added to every step's compute: a fixed one per straggler rank, plus random jitter."""
-
-    def __init__(self, rank: int, stragglers: dict[int, float] | None = None,
-                 jitter: str | None = None, seed: int = 0) -> None:
-        self.fixed = float((stragglers or {}).get(rank, 0.0))
-        self.jitter = parse_jitter(jitter) if jitter else None
-        self.rng = np.random.default_rng([seed, rank])    # reproducible, different per rank
-
-    def __bool__(self) -> bool:
-        return self.fixed > 0 or self.jitter is not None
-
-    def __call__(self) -> float:
-        seconds = self.fixed
-        if self.jitter:
-            kind, scale = self.jitter
-            seconds += self.rng.exponential(scale) if kind == "exp" else self.rng.uniform(0, scale)
-        if seconds > 0:
-            time.sleep(seconds)
-        return seconds
 
 
 # --- the recorder: one per rank, fed by the probes ---------------------------------------------

@@ -42,6 +42,7 @@ from .data import (
 from .files import atomic_write_text
 from .nn import MLP
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
+from .straggler import format_report, merge_report
 
 PROG = "ringsync-train"
 DEFAULT_EPOCHS = 20
@@ -411,7 +412,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "resumed_from_step": first_step if args.resume else None,
         "ranks": ranks,
     }
-    timing.merge_report(report, straggler_report)   # ranks[i].compute_s/wait_s/..., "straggler"
+    merge_report(report, straggler_report)   # ranks[i].compute_s/wait_s/..., "straggler"
     if rs.rank() == 0:
         if args.report:
             text = json.dumps(report, indent=2) + "\n"
@@ -421,7 +422,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
                   f"{final_loss:.4f}, train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
                   f"{report['samples_per_second']:.0f} samples/s", flush=True)
             if straggler_report:
-                print(timing.format_report(straggler_report), flush=True)
+                print(format_report(straggler_report), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
                   f"{'yes' if identical else 'NO'} (sha256 {digest[:16]})", flush=True)
     return 0 if identical else 1

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ringsync import timeline, timing
+from ringsync import inject, straggler, timeline
 from ringsync.report import main as report_main
 
 
@@ -25,7 +25,7 @@ def synthetic(p=4, steps=10, slow=2, delay=0.05, mode="barrier"):
 @pytest.mark.parametrize("mode", ["barrier", "passive"])
 def test_a_straggler_is_named_and_its_cost_is_everyone_elses_wait(mode):
     step, barrier, collective, compute = synthetic(mode=mode)
-    rep = timing.straggler_report(step, barrier, collective, mode)
+    rep = straggler.straggler_report(step, barrier, collective, mode)
     ranks, st = rep["ranks"], rep["straggler"]
     assert st["slowest_rank"] == 2
     assert [r["steps_slowest"] for r in ranks] == [0, 0, 10, 0]
@@ -43,52 +43,52 @@ def test_a_straggler_is_named_and_its_cost_is_everyone_elses_wait(mode):
 
 
 def test_one_rank_and_no_steps():
-    rep = timing.straggler_report(np.ones((1, 3)), np.zeros((1, 3)), np.zeros((1, 3)), "barrier")
+    rep = straggler.straggler_report(np.ones((1, 3)), np.zeros((1, 3)), np.zeros((1, 3)), "barrier")
     assert rep["straggler"]["cost_s"] == 0 and rep["ranks"][0]["compute_s"] == 3
-    empty = timing.straggler_report(np.zeros((2, 0)), np.zeros((2, 0)), np.zeros((2, 0)), "passive")
+    empty = straggler.straggler_report(np.zeros((2, 0)), np.zeros((2, 0)), np.zeros((2, 0)), "passive")
     assert empty["straggler"]["cost_fraction"] == 0 and empty["straggler"]["steps"] == 0
-    assert "2 rank(s), 0 step(s)" in timing.format_report(empty)
+    assert "2 rank(s), 0 step(s)" in straggler.format_report(empty)
     with pytest.raises(ValueError, match="ranks, steps"):
-        timing.straggler_report(np.zeros(3), np.zeros(3), np.zeros(3), "barrier")
+        straggler.straggler_report(np.zeros(3), np.zeros(3), np.zeros(3), "barrier")
 
 
 def test_format_report_and_merge_into_a_document():
-    rep = timing.straggler_report(*synthetic()[:3], "barrier")
-    text = timing.format_report(rep)
+    rep = straggler.straggler_report(*synthetic()[:3], "barrier")
+    text = straggler.format_report(rep)
     assert "slowest rank: 2" in text and "wait_s" in text and len(text.splitlines()) == 8
-    doc = timing.merge_report({"ranks": [{"rank": 0, "loss": 1.0}]}, rep)
+    doc = straggler.merge_report({"ranks": [{"rank": 0, "loss": 1.0}]}, rep)
     assert len(doc["ranks"]) == 4 and doc["ranks"][0]["loss"] == 1.0
     assert {"compute_s", "wait_s", "allreduce_s", "steps_slowest"} <= set(doc["ranks"][3])
     assert {"slowest_rank", "cost_s", "cost_fraction"} <= set(doc["straggler"])
-    assert timing.merge_report({"x": 1}, None) == {"x": 1}
+    assert straggler.merge_report({"x": 1}, None) == {"x": 1}
 
 
 @pytest.mark.parametrize("text,expected", [("2:0.05", (2, 0.05)), ("0:0", (0, 0.0))])
 def test_parse_straggler(text, expected):
-    assert timing.parse_straggler(text) == expected
+    assert inject.parse_straggler(text) == expected
 
 
 @pytest.mark.parametrize("text", ["banana", "2", "2:", ":0.1", "-1:0.1", "1:-2", "1:nan", "1:inf", "a:1"])
 def test_parse_straggler_rejects(text):
     with pytest.raises(ValueError, match="RANK:SECONDS"):
-        timing.parse_straggler(text)
+        inject.parse_straggler(text)
 
 
 @pytest.mark.parametrize("text", ["gauss:1", "exp", "exp:-1", "uniform:x", "exp:inf"])
 def test_parse_jitter_rejects(text):
     with pytest.raises(ValueError, match="jitter"):
-        timing.parse_jitter(text)
+        inject.parse_jitter(text)
 
 
 def test_delays_are_reproducible_and_per_rank(monkeypatch):
     slept = []
-    monkeypatch.setattr(timing.time, "sleep", slept.append)
-    a, b = timing.Delays(1, {1: 0.05}, "exp:0.01", seed=3), timing.Delays(1, {1: 0.05}, "exp:0.01", seed=3)
+    monkeypatch.setattr(inject.time, "sleep", slept.append)
+    a, b = inject.Delays(1, {1: 0.05}, "exp:0.01", seed=3), inject.Delays(1, {1: 0.05}, "exp:0.01", seed=3)
     assert [a() for _ in range(5)] == [b() for _ in range(5)]
     assert all(s > 0.05 for s in slept)
-    other = timing.Delays(0, {1: 0.05}, "uniform:0.01", seed=3)
+    other = inject.Delays(0, {1: 0.05}, "uniform:0.01", seed=3)
     assert all(0 <= other() <= 0.01 for _ in range(20))
-    assert not timing.Delays(0, {1: 0.05}) and timing.Delays(1, {1: 0.05})
+    assert not inject.Delays(0, {1: 0.05}) and inject.Delays(1, {1: 0.05})
 
 
 def test_step_spans_split_the_wait_and_fill_compute_gaps():
@@ -116,8 +116,8 @@ def test_trace_events_have_one_track_per_rank(tmp_path):
 
 
 def write_report(tmp_path, **changes):
-    rep = timing.straggler_report(*synthetic()[:3], "barrier")
-    doc = timing.merge_report({"epochs": 1}, rep)
+    rep = straggler.straggler_report(*synthetic()[:3], "barrier")
+    doc = straggler.merge_report({"epochs": 1}, rep)
     doc.update(changes)
     path = tmp_path / "report.json"
     path.write_text(json.dumps(doc))
