@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ringsync.files import atomic_write, atomic_write_text
+from ringsync.train import float_at_least, int_at_least
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -73,35 +74,10 @@ def parse_dtype(text: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _whole(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    return _whole(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    return _whole(text, 0)
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+# argparse types: the trainer's, so a bad number reads the same everywhere.
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+nonnegative_float = float_at_least(0.0)
 
 
 def size_list(begin: int, end: int, factor: int) -> list[int]:

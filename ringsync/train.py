@@ -19,7 +19,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -68,7 +68,8 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (see {PROG} --help)")
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= low (benchmarks use it too)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -80,7 +81,8 @@ def _int_at_least(low: int):
     return parse
 
 
-def _float_at_least(low: float):
+def float_at_least(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite number >= low."""
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -110,28 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", choices=["digits", "synthetic"], default=None,
                    help="built-in data set (default digits: scikit-learn's 1,797 8x8 images)")
     d.add_argument("--data", metavar="PATH.npz", help="your own data: an .npz with arrays X and y")
-    d.add_argument("--samples", type=_int_at_least(2), default=10_000, help="synthetic: samples (10000)")
-    d.add_argument("--features", type=_int_at_least(1), default=64, help="synthetic: features (64)")
-    d.add_argument("--classes", type=_int_at_least(2), default=10, help="synthetic: classes (10)")
+    d.add_argument("--samples", type=int_at_least(2), default=10_000, help="synthetic: samples (10000)")
+    d.add_argument("--features", type=int_at_least(1), default=64, help="synthetic: features (64)")
+    d.add_argument("--classes", type=int_at_least(2), default=10, help="synthetic: classes (10)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_int_at_least(1), default=DEFAULT_EPOCHS,
+    t.add_argument("--epochs", type=int_at_least(1), default=DEFAULT_EPOCHS,
                    help=f"passes over the training set (default {DEFAULT_EPOCHS})")
-    t.add_argument("--max-steps", type=_int_at_least(1), default=None, help="stop after this many steps in all")
-    t.add_argument("--batch-size", type=_int_at_least(1), default=32, help="samples per rank per step (32)")
-    t.add_argument("--lr", type=_float_at_least(0.0), default=0.1, help="learning rate (0.1)")
-    t.add_argument("--momentum", type=_float_at_least(0.0), default=0.9, help="SGD momentum (0.9)")
-    t.add_argument("--weight-decay", type=_float_at_least(0.0), default=0.0, help="L2 weight decay (0)")
+    t.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many steps in all")
+    t.add_argument("--batch-size", type=int_at_least(1), default=32, help="samples per rank per step (32)")
+    t.add_argument("--lr", type=float_at_least(0.0), default=0.1, help="learning rate (0.1)")
+    t.add_argument("--momentum", type=float_at_least(0.0), default=0.9, help="SGD momentum (0.9)")
+    t.add_argument("--weight-decay", type=float_at_least(0.0), default=0.0, help="L2 weight decay (0)")
     t.add_argument("--hidden", type=_widths, default=[128, 64], help="hidden widths, e.g. 128,64 (default)")
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype")
-    t.add_argument("--seed", type=_int_at_least(0), default=0, help="model init and sample order (0)")
+    t.add_argument("--seed", type=int_at_least(0), default=0, help="model init and sample order (0)")
     t.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: NumPy; gpu: CuPy on device local_rank %% count (RINGSYNC_GPU_DEVICE overrides)")
-    t.add_argument("--fusion-mb", type=_float_at_least(0.0), default=None,
+    t.add_argument("--fusion-mb", type=float_at_least(0.0), default=None,
                    help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
     timing.add_arguments(p)   # --timing, --straggler, --jitter, --timeline
     o = p.add_argument_group("output")
     o.add_argument("--save", metavar="PATH.npz", help="checkpoint after every epoch and at the end (rank 0)")
-    o.add_argument("--save-every", type=_int_at_least(1), default=None, metavar="N",
+    o.add_argument("--save-every", type=int_at_least(1), default=None, metavar="N",
                    help="also checkpoint every N steps")
     o.add_argument("--resume", metavar="PATH.npz", help="continue exactly from a checkpoint")
     o.add_argument("--report", metavar="PATH.json", help="write a JSON report (rank 0)")
