@@ -2,162 +2,258 @@
 
 The danger. A collective only works if every rank calls it with the same shape, dtype and
 op, and in the same order. If rank 1 reduces a (4,) array while rank 0 reduces a (5,) one,
-the ring either hangs (a message that never comes), dies on one rank only (MPI truncation),
-or, worst, quietly mixes up numbers. Horovod stops this with a negotiation round before
-every reduction: an extra message, paid on every call.
+the ranks either hang (a message that never comes), crash (a message longer than the buffer
+posted for it: Open MPI then writes past the buffer), or, worst, quietly mix up numbers.
+Horovod stops this with a negotiation round before every reduction.
 
-The trick used here: a fingerprint that travels WITH the data, at no extra message.
-  * Each call hashes its signature (which collective, op, dtype, shape, root, number of
-    tensors, name), adds a call counter that catches calls made in a different order, and
-    folds that into the MPI *tag* of its messages. The payload is untouched.
-  * Every guarded collective starts with the same p-1 "ring steps": send right, receive
-    from the left. For the ring all-reduce these are just its reduce-scatter steps, so the
-    check rides on messages that are sent anyway; broadcast and barrier send p-1 empty ones.
-  * On each step a rank compares the tag that arrived with its own. Neighbours that agree,
-    all the way round the ring, means everybody agrees. A rank that sees a different tag
-    (or a message too long for its buffer: MPI's truncation error, caught) marks the call
-    bad and sends tag+1 from then on, so the news travels right, one hop per step. Two
-    different fingerprints make at least two boundaries in the ring, and p-1 steps carry
-    each boundary's news to everyone but the rank just before it, which hears it from the
-    other boundary: after p-1 steps, every rank knows.
-  * Nothing is written into the caller's buffer during those p-1 steps (ring.py keeps its
-    partial sums in scratch while guarded), so a failed call leaves inputs intact.
-  * Only then, and only when something went wrong, the slow path runs: the ranks swap full
+ringsync's check is an *opening*: every guarded collective begins with the same pattern of
+ceil(log2 p) message rounds, whatever the call, so ranks in different calls still meet.
+
+  * Each rank makes a *block*: its payload, then a 32-byte trailer holding the call's
+    fingerprint (a 128-bit BLAKE2b digest of its full signature: which collective, op,
+    dtype, shape, root, tensor count and shapes, name), its call number, and flags.
+  * The blocks are all-gathered in Bruck's pattern: in round k rank r sends the blocks it
+    holds to r - 2^k and receives as many from r + 2^k. After ceil(log2 p) rounds every rank
+    holds every rank's block, so every rank compares every fingerprint with its own: all
+    ranks reach the same verdict, with no further message.
+  * No receive is ever shorter than what can arrive. The largest block any guarded call
+    sends is fixed when ringsync starts (RINGSYNC_SMALL_BYTES of payload plus the trailer,
+    the same on every rank: init() compares the settings), and a round's receive always has
+    room for that many of the largest blocks. What arrived is then checked by its byte count,
+    then by its trailers. A rank that saw a message of the wrong size marks its own trailer,
+    which travels on with every block it forwards.
+  * A fingerprint collision would need two different signatures with the same BLAKE2b digest:
+    unlike a tag-sized hash, that cannot happen by accident or be built on purpose.
+  * Small all-reduces ride on the opening: the payload is the buffer itself, and after the
+    opening each rank holds all p buffers and reduces them in rank order (small.py): one
+    latency per round and no extra message at all. Larger calls send trailer-only blocks,
+    then run their algorithm on exactly known sizes, on another tag.
+  * Nothing is written into the caller's buffer before the verdict, so a failed call leaves
+    inputs intact. Only when something went wrong, the slow path runs: the ranks swap full
     signature records (one more trip round the ring) and all raise the same MismatchError,
-    naming what differs and on which ranks. Every rank has sent and received exactly the
-    same messages, so the world is ready for the next call.
+    naming what differs and on which ranks.
 
 The same slow path carries the other cross-rank news: a rank with NaN/Inf in its input
 (RINGSYNC_CHECK_FINITE=1), a rank whose own arguments were refused (so the others raise
 too instead of waiting), and ranks that have called join() (see join.py).
-
-For algorithm writers: a guarded all-reduce algorithm must begin with p-1 exchanges
-`guard.sendrecv(comm, send, right, recv, left)`, must not write into the caller's buffer
-before they are done, and must stop (return) if `guard.bad` is then set. An algorithm that
-cannot, calls `guard.agree(comm)` first (p-1 empty ring messages: one latency per step).
 """
 from __future__ import annotations
 
-import zlib
+import hashlib
+import struct
+from enum import IntEnum, IntFlag
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
 from . import ops
+from .config import Settings
 from .ring import ring_allgather_
 
-# The collectives, as small integers (Python's hash of a str differs between processes).
-ALLREDUCE, BROADCAST, ALLGATHER, BARRIER, JOIN, REFUSED = 1, 2, 3, 4, 5, 6
+
+class Kind(IntEnum):
+    """The collectives (small integers: they go into records that ranks exchange)."""
+
+    ALLREDUCE = 1
+    BROADCAST = 2
+    ALLGATHER = 3
+    BARRIER = 4
+    JOIN = 5
+    REFUSED = 6
+
+
+ALLREDUCE, BROADCAST, ALLGATHER, BARRIER, JOIN, REFUSED = Kind
 KIND_NAMES = {ALLREDUCE: "allreduce", BROADCAST: "broadcast", ALLGATHER: "allgather",
               BARRIER: "barrier", JOIN: "join", REFUSED: "(refused its arguments)"}
 OP_CODES = {name: i for i, name in enumerate(sorted(ops.OPS), start=1)}
 DTYPE_CODES = {dtype: i for i, dtype in enumerate(ops.SUPPORTED_DTYPES, start=1)}
 
-_EMPTY = np.empty(0, dtype=np.uint8)
-_BYTE, _ANY_TAG, _TRUNCATE = MPI.BYTE, MPI.ANY_TAG, MPI.ERR_TRUNCATE
 
-# A signature record: fixed-width int64 rows that the slow path gathers from every rank.
-_KIND, _OP, _DTYPE, _ROOT, _GROUP, _LAYOUT, _CALL, _FLAGS, _COUNT, _NDIM = range(10)
-_MAX_DIMS, _NAME_BYTES = 8, 64
-_DIMS = _NDIM + 1                           # shape: up to 8 dimensions
-_NAME = _DIMS + _MAX_DIMS                   # the name: 64 bytes of UTF-8
-_WIDTH = _NAME + _NAME_BYTES // 8
-NONFINITE, REFUSAL = 1, 2                   # flags
+class Flag(IntFlag):
+    """Why a rank's call is bad before any comparison: it travels in the trailer and the record."""
+
+    NONFINITE = 1   # NaN or Inf in the input (RINGSYNC_CHECK_FINITE)
+    REFUSAL = 2     # this rank refused its own arguments
+    RELAYED = 4     # this rank received a message of the wrong size during the opening
+
+
+NONFINITE, REFUSAL = Flag.NONFINITE, Flag.REFUSAL
+
+
+class Call(NamedTuple):
+    """A collective call's signature: every field must be the same on every rank."""
+
+    kind: Kind
+    op: str = ""
+    dtype: np.dtype | None = None
+    shape: tuple[int, ...] = ()
+    root: int = -1
+    group: int = 1          # tensors fused into the buffer
+    layout: int = 0         # a code for those tensors' shapes
+    name: str | None = None
 
 
 class MismatchError(ValueError):
     """Ranks made different collective calls; raised on every rank with what differs."""
 
 
+# A signature as a fixed-width record, the row the slow path gathers from every rank.
+MAX_DIMS, NAME_BYTES = 8, 64
+RECORD = np.dtype([("kind", "<i8"), ("op", "<i8"), ("dtype", "<i8"), ("root", "<i8"),
+                   ("group", "<i8"), ("layout", "<i8"), ("call", "<i8"), ("flags", "<i8"),
+                   ("count", "<i8"), ("ndim", "<i8"), ("dims", "<i8", (MAX_DIMS,)),
+                   ("name", f"S{NAME_BYTES}")])
+
+# The trailer of an opening block: fingerprint (two 64-bit halves), call number, flags.
+TRAILER = struct.Struct("<qqqq")
+OPENING_TAG = 1       # the opening's messages; the algorithms' own travel on tag 0
+_BYTE = MPI.BYTE
+
+
+def make_record(call: Call, number: int = 0, flags: int = 0) -> np.ndarray:
+    """The record (a 0-d array of RECORD) of `call`, made as its `number`-th call."""
+    row = np.zeros((), dtype=RECORD)
+    shape = tuple(int(d) for d in call.shape)
+    row["kind"], row["op"] = int(call.kind), OP_CODES.get(call.op, 0)
+    row["dtype"] = DTYPE_CODES.get(call.dtype, 0) if call.dtype is not None else 0
+    row["root"], row["group"], row["layout"] = call.root, call.group, call.layout
+    row["call"], row["flags"] = number, flags
+    row["count"], row["ndim"] = int(np.prod(shape, dtype=np.int64)), len(shape)
+    row["dims"][:min(len(shape), MAX_DIMS)] = shape[:MAX_DIMS]
+    row["name"] = (call.name or "").encode()[:NAME_BYTES]
+    return row
+
+
+def fingerprint(call: Call) -> tuple[int, int]:
+    """128 bits of BLAKE2b over the whole record (and the full shape and name, beyond the
+    record's widths): equal only for equal calls."""
+    h = hashlib.blake2b(make_record(call).tobytes(), digest_size=16)
+    h.update(repr((tuple(call.shape), call.name)).encode())
+    lo, hi = struct.unpack("<qq", h.digest())
+    return lo, hi
+
+
+def _ceil_log2(p: int) -> int:
+    return (p - 1).bit_length()
+
+
 class Checker:
-    """This rank's side of the agreement: call counter, current fingerprint, verdict.
+    """This rank's side of the agreement: call counter, the armed call, the opening, the verdict.
 
     One per World. A collective calls arm() to get a guard (this object, or None when the
-    check is off), passes it to the algorithm, then settle() if `bad` was set.
+    check is off), runs agree() (or rides on it), then settle() if `bad` was set.
     """
 
-    def __init__(self, comm: MPI.Comm, enabled: bool, finite: bool) -> None:
+    def __init__(self, comm: MPI.Comm, settings: Settings) -> None:
         self.comm = comm
+        p, r = comm.Get_size(), comm.Get_rank()
+        self.size, self.rank = p, r
         # On with either check (a NaN found on one rank must reach them all); off on one rank.
-        self.enabled = (enabled or finite) and comm.Get_size() > 1   # benchmarks may flip it
-        self.finite = finite                             # RINGSYNC_CHECK_FINITE
-        self.calls = 0      # collective calls made on this rank: the call-order fingerprint
-        self.tag = 0
-        self.bad = 0        # 1 once this rank knows the current call went wrong somewhere
+        self.enabled = (settings.check_agreement or settings.check_finite) and p > 1
+        self.finite = settings.check_finite
+        self.calls = 0          # collective calls made on this rank: the call-order check
+        self.call = 0           # the call counter when the current call was armed
+        self.current: Call | None = None
+        self.bad = False        # True once this rank knows the current call went wrong
         self.flags = 0
-        self.signature: tuple = ()     # (kind, op, dtype, shape, root, group, layout, name code)
-        self.call = 0                   # the call counter when the current call was armed
-        self.name: str | None = None
-        self._args: tuple = (None,) * 8    # arm()'s arguments last time, and the hash of
-        self._hash = 0                      # their signature (modulo the tag space)
-        self.status = MPI.Status()
+        self._fp = (0, 0)
+        self._fingerprints: dict[Call, tuple[int, int]] = {}
         self.joined: set[int] = set()    # ranks seen (by every rank alike) to have joined
         self.last_joined = -1
-        upper = comm.Get_attr(MPI.TAG_UB) or 32767   # MPI promises at least 32767
-        self._space = (upper - 2) // 2
+        # The opening: Bruck rounds (distance 2^k, blocks m_k), and room for p of the
+        # largest blocks any rank may send, so no receive is ever too short.
+        self.small_bytes = settings.small_bytes
+        self.capacity = _pad8(settings.small_bytes) + TRAILER.size
+        self.rounds = [(1 << k, min(1 << k, p - (1 << k))) for k in range(_ceil_log2(p))]
+        self.blocks = np.zeros(p * self.capacity if p > 1 else 0, dtype=np.uint8)
+        self._plans: dict[int, list[tuple]] = {}
+        self._slots: dict[tuple[np.dtype, int], list[np.ndarray]] = {}
+        self.status = MPI.Status()
 
     # -- the fast path -------------------------------------------------------------------
 
-    def arm(self, kind: int, op: str = "", dtype: np.dtype | None = None, shape: tuple = (),
-            root: int = -1, group: int = 1, layout: int = 0,
-            name: str | None = None) -> Checker | None:
+    @property
+    def signature(self) -> Call | None:
+        return self.current
+
+    @property
+    def name(self) -> str | None:
+        return self.current.name if self.current else None
+
+    def arm(self, call: Call) -> Checker | None:
         """Count and fingerprint this call; returns the guard for the algorithm, or None if off."""
-        calls = self.calls = self.calls + 1
+        self.calls += 1
         if not self.enabled:
             return None
-        # Hashing the signature is the costly part, and a training loop makes the same calls
-        # over and over: hash each new signature once, then add the call counter to the hash
-        # (calls made in a different order still give different tags). `dtype is` first:
-        # NumPy says dtype('float64') == None.
-        args = (kind, op, dtype, shape, root, group, layout, name)
-        if dtype is not self._args[2] or args != self._args:
-            self._args = args
-            self.signature = (kind, OP_CODES.get(op, 0), DTYPE_CODES.get(dtype, 0), shape,
-                              root, group, layout, _name_code(name) if name else 0)
-            self._hash = hash(self.signature) % self._space   # small ints are cheaper
-            self.name = name
-        self.call = calls
-        self.tag = 2 + 2 * ((self._hash + calls) % self._space)
-        self.bad = self.flags = 0
+        fp = self._fingerprints.get(call)
+        if fp is None:      # a training loop makes the same calls over and over: hash once each
+            if len(self._fingerprints) > 4096:
+                self._fingerprints.clear()
+            fp = self._fingerprints[call] = fingerprint(call)
+        self._fp, self.current, self.call = fp, call, self.calls
+        self.bad, self.flags = False, 0
         return self
 
-    def sendrecv(self, comm: MPI.Comm, sendbuf: np.ndarray, dest: int,
-                 recvbuf: np.ndarray, source: int) -> None:
-        """One guarded ring step: Sendrecv with this call's tag; note a neighbour that differs."""
-        status = self.status
-        try:
-            # As raw bytes: a neighbour in a different call may send another dtype, and some
-            # MPIs (MPICH) assert, rather than err, on a message of part of an element.
-            comm.Sendrecv([sendbuf, _BYTE], dest, self.tag + self.bad,
-                          [recvbuf, _BYTE], source, _ANY_TAG, status)
-        except MPI.Exception as exc:
-            # A message longer than our buffer: the neighbour is in a different call. MPI
-            # drops the excess and the communicator stays usable.
-            if exc.Get_error_class() != _TRUNCATE:
-                raise
-            self.bad = 1
-            return
-        if status.Get_tag() != self.tag:
-            self.bad = 1
+    def slots(self, dtype: np.dtype, count: int) -> list[np.ndarray]:
+        """Typed views of the payloads of the p blocks (this rank's first; slot i holds rank
+        r+i's) for an opening that carries `count` elements of `dtype` (at most small_bytes)."""
+        key = (dtype, count)
+        views = self._slots.get(key)
+        if views is None:
+            if len(self._slots) > 256:
+                self._slots.clear()
+            step = _pad8(count * dtype.itemsize) + TRAILER.size
+            views = self._slots[key] = [
+                self.blocks[i * step:i * step + count * dtype.itemsize].view(dtype)
+                for i in range(self.size)]
+        return views
 
-    def agree(self, comm: MPI.Comm) -> None:
-        """The p-1 guarded ring steps, on empty messages: for calls that carry no ring data."""
-        p, r = comm.Get_size(), comm.Get_rank()
-        right, left = (r + 1) % p, (r - 1) % p
-        for _ in range(p - 1):
-            self.sendrecv(comm, _EMPTY, right, _EMPTY, left)
+    def agree(self, nbytes: int = 0) -> None:
+        """The opening: all-gather every rank's block (an `nbytes` payload already written
+        into slot 0, then the trailer), compare, and set `bad` alike on every rank."""
+        step = _pad8(nbytes) + TRAILER.size
+        plan = self._plans.get(step) or self._plan(step)
+        blocks, comm, status, trailer = self.blocks, self.comm, self.status, step - TRAILER.size
+        lo, hi = self._fp
+        TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags)
+        relayed = False
+        for send, dest, recv, source, expected in plan:
+            comm.Sendrecv([send, _BYTE], dest, OPENING_TAG, [recv, _BYTE], source, OPENING_TAG, status)
+            if status.Get_count(_BYTE) != expected and not relayed:
+                relayed = True      # a neighbour in another call: say so to whoever we forward to
+                TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags | Flag.RELAYED)
+        self.bad = relayed or self.flags != 0 or not self._all_match(step, (lo, hi, self.call, 0))
+
+    def _all_match(self, step: int, mine: tuple[int, int, int, int]) -> bool:
+        unpack, blocks, trailer = TRAILER.unpack_from, self.blocks, step - TRAILER.size
+        return all(unpack(blocks, i * step + trailer) == mine for i in range(1, self.size))
+
+    def _plan(self, step: int) -> list[tuple]:
+        """Per round: (send view, dest, receive view, source, expected bytes), for blocks of `step`."""
+        p, r, blocks = self.size, self.rank, memoryview(self.blocks)
+        plan = []
+        for distance, count in self.rounds:
+            # Receive with room for `count` of the largest blocks: whatever a rank in another
+            # call sends, it fits (and then fails the byte-count check).
+            start = distance * step
+            plan.append((blocks[:count * step], (r - distance) % p,
+                         blocks[start:start + count * self.capacity], (r + distance) % p,
+                         count * step))
+        self._plans[step] = plan
+        return plan
 
     def refuse(self, exc: BaseException) -> None:
         """This rank refused its own arguments (it raises `exc` next): fail the others' call too.
 
-        Whatever they called, it begins with p-1 guarded ring steps; meet them with poisoned
-        empty ones, and join the slow path, so that they raise instead of waiting for us.
+        Whatever they called, it begins with the opening; meet it with a poisoned block and
+        join the slow path, so that they raise instead of waiting for us.
         """
         if not self.enabled:
             return
-        self.arm(REFUSED, name=type(exc).__name__)
+        self.arm(Call(REFUSED, name=type(exc).__name__))
         self.poison(REFUSAL)
-        self.agree(self.comm)
+        self.agree()
         try:
             self.settle()
         except (MismatchError, FloatingPointError):
@@ -165,7 +261,7 @@ class Checker:
 
     def poison(self, flag: int) -> None:
         """Mark this call bad from the start, with a reason the slow path will report."""
-        self.bad = 1
+        self.bad = True
         self.flags |= flag
 
     # -- the slow path -------------------------------------------------------------------
@@ -177,53 +273,40 @@ class Checker:
         that some ranks have called join(): the caller then redoes the call with them.
         """
         table = self.exchange_records()
-        verdict, joined = judge(table, self.comm.Get_rank())
+        verdict, joined = judge(table, self.rank)
         if isinstance(verdict, Exception):
             raise verdict
         return verdict, joined
 
     def exchange_records(self) -> np.ndarray:
         """Every rank's signature record, in rank order (one trip round the ring)."""
-        p, r = self.comm.Get_size(), self.comm.Get_rank()
-        table = np.zeros((p, _WIDTH), dtype=np.int64)
-        table[r] = self.record()
-        ring_allgather_(list(table), self.comm, owned=r)
+        table = np.zeros(self.size, dtype=RECORD)
+        table[self.rank] = self.record()
+        ring_allgather_(list(table.view(np.uint8).reshape(self.size, RECORD.itemsize)),
+                        self.comm, owned=self.rank)
         # Realign the call counters (a rank that skipped a call would otherwise fail forever).
-        self.calls = int(table[:, _CALL].max())
-        newly = [int(q) for q in np.flatnonzero(table[:, _KIND] == JOIN) if q not in self.joined]
+        self.calls = int(table["call"].max())
+        newly = [int(q) for q in np.flatnonzero(table["kind"] == JOIN) if q not in self.joined]
         if newly:
             self.joined.update(newly)
             self.last_joined = max(newly)
         return table
 
     def record(self) -> np.ndarray:
-        """This call's signature as a fixed-width int64 row."""
-        kind, op, dtype, shape, root, group, layout, _ = self.signature
-        row = np.zeros(_WIDTH, dtype=np.int64)
-        row[:_COUNT] = kind, op, dtype, root, group, layout, self.call, self.flags
-        row[_COUNT] = np.prod(shape, dtype=np.int64)
-        row[_NDIM] = len(shape)
-        dims = shape[:_MAX_DIMS]
-        row[_DIMS:_DIMS + len(dims)] = dims
-        text = (self.name or "").encode()[:_NAME_BYTES].ljust(_NAME_BYTES, b"\0")
-        row[_NAME:] = np.frombuffer(text, dtype=np.int64)
-        return row
+        """This call's signature as a record."""
+        return make_record(self.current or Call(REFUSED), self.call, self.flags)
 
 
-def _name_code(name: str, _cache: dict[str, int] = {}) -> int:  # noqa: B006 - a memo
-    """A hash of the tensor's name that is the same in every process (unlike hash(str))."""
-    code = _cache.get(name)
-    if code is None:
-        code = _cache[name] = zlib.crc32(name.encode()) + 1
-    return code
+def _pad8(nbytes: int) -> int:
+    return (nbytes + 7) & ~7
 
 
 # -- reading the records: what differs, and on which ranks --------------------------------
 
 def judge(table: np.ndarray, me: int) -> tuple[object, list[int]]:
     """(the error to raise, or the agreed record when only joined ranks differ; joined ranks)."""
-    flags = table[:, _FLAGS]
-    joined = [int(q) for q in np.flatnonzero(table[:, _KIND] == JOIN)]
+    flags = table["flags"]
+    joined = [int(q) for q in np.flatnonzero(table["kind"] == JOIN)]
     active = [q for q in range(len(table)) if q not in joined]
     refused = [int(q) for q in np.flatnonzero(flags & REFUSAL)]
     callers = [q for q in active if q not in refused] or active or [0]
@@ -238,26 +321,27 @@ def judge(table: np.ndarray, me: int) -> tuple[object, list[int]]:
     if not active:
         return table[0], joined
     differences = _differences(table, active)
-    if len({int(table[q, _KIND]) for q in active}) > 1:
-        head = f"collective call #{table[active[0], _CALL]}"
+    if len({int(table[q]["kind"]) for q in active}) > 1:
+        head = f"collective call #{table[active[0]]['call']}"
     if differences:
         return MismatchError(f"{head}: " + "; ".join(differences)), joined
-    if table[active[0], _KIND] == BROADCAST and table[active[0], _ROOT] in joined:
-        return MismatchError(f"{head}: the root, rank {table[active[0], _ROOT]}, has joined"), joined
-    return table[active[0]], joined
+    first = table[active[0]]
+    if first["kind"] == BROADCAST and first["root"] in joined:
+        return MismatchError(f"{head}: the root, rank {first['root']}, has joined"), joined
+    return first, joined
 
 
 def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
-    fields = [("collective", lambda row: KIND_NAMES.get(int(row[_KIND]), "?"))]
-    if len({int(table[q, _KIND]) for q in ranks}) == 1:
+    fields = [("collective", lambda row: KIND_NAMES.get(int(row["kind"]), "?"))]
+    if len({int(table[q]["kind"]) for q in ranks}) == 1:
         fields += [
-            ("call number (call order)", lambda row: f"#{row[_CALL]}"),
-            ("op", lambda row: _op_name(row[_OP])),
-            ("dtype", lambda row: _dtype_name(row[_DTYPE])),
-            ("trailing shape" if table[ranks[0], _KIND] == ALLGATHER else "shape", _shape_text),
-            ("root", lambda row: str(row[_ROOT])),
-            ("tensor count", lambda row: str(row[_GROUP])),
-            ("tensor shapes in the group", lambda row: f"layout {row[_LAYOUT] & 0xffffffff:08x}"),
+            ("call number (call order)", lambda row: f"#{row['call']}"),
+            ("op", lambda row: _op_name(row["op"])),
+            ("dtype", lambda row: _dtype_name(row["dtype"])),
+            ("trailing shape" if table[ranks[0]]["kind"] == ALLGATHER else "shape", _shape_text),
+            ("root", lambda row: str(row["root"])),
+            ("tensor count", lambda row: str(row["group"])),
+            ("tensor shapes in the group", lambda row: f"layout {int(row['layout']) & 0xffffffff:08x}"),
             ("name", lambda row: repr(_name(row))),
         ]
     out = []
@@ -273,7 +357,7 @@ def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
 
 def _describe_call(row: np.ndarray) -> str:
     name = _name(row)
-    return f"{KIND_NAMES.get(int(row[_KIND]), '?')}{f' {name!r}' if name else ''} (call #{row[_CALL]})"
+    return f"{KIND_NAMES.get(int(row['kind']), '?')}{f' {name!r}' if name else ''} (call #{row['call']})"
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -289,27 +373,38 @@ def _dtype_name(code: int) -> str:
 
 
 def _shape_text(row: np.ndarray) -> str:
-    ndim = int(row[_NDIM])
-    dims = [str(d) for d in row[_DIMS:_DIMS + min(ndim, _MAX_DIMS)]]
-    if ndim > _MAX_DIMS:
+    ndim = int(row["ndim"])
+    dims = [str(d) for d in row["dims"][:min(ndim, MAX_DIMS)]]
+    if ndim > MAX_DIMS:
         dims.append("...")
-    if row[_KIND] == ALLGATHER:       # its first dimension may differ: not part of the check
+    if row["kind"] == ALLGATHER:       # its first dimension may differ: not part of the check
         dims.insert(0, "*")
         ndim += 1
     return "(" + ", ".join(dims) + ("," if ndim == 1 else "") + ")"
 
 
 def _name(row: np.ndarray) -> str:
-    return row[_NAME:].tobytes().rstrip(b"\0").decode(errors="replace")
+    return bytes(row["name"]).rstrip(b"\0").decode(errors="replace")
 
 
 def record_shape(row: np.ndarray) -> tuple[int, ...]:
     """The shape a record describes (joined ranks use it to take part in the call)."""
-    return tuple(int(d) for d in row[_DIMS:_DIMS + int(row[_NDIM])])
+    return tuple(int(d) for d in row["dims"][:int(row["ndim"])])
 
 
-def record_call(row: np.ndarray) -> tuple[int, str, np.dtype | None, int, int]:
+class RecordedCall(NamedTuple):
+    """What a joined rank needs to take part in a call it reads from a record."""
+
+    kind: int
+    op: str
+    dtype: np.dtype | None
+    root: int
+    count: int
+
+
+def record_call(row: np.ndarray) -> RecordedCall:
     """(kind, op name, dtype, root, element count) of a record."""
-    code = int(row[_DTYPE])
-    return (int(row[_KIND]), _op_name(int(row[_OP])),
-            ops.SUPPORTED_DTYPES[code - 1] if code > 0 else None, int(row[_ROOT]), int(row[_COUNT]))
+    code = int(row["dtype"])
+    return RecordedCall(int(row["kind"]), _op_name(int(row["op"])),
+                        ops.SUPPORTED_DTYPES[code - 1] if code > 0 else None, int(row["root"]),
+                        int(row["count"]))

@@ -25,6 +25,7 @@ CuPy is imported only when a CuPy array shows up or the user asks for the GPU (`
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -38,7 +39,7 @@ from mpi4py import MPI
 
 from . import config, ops
 from .context import World, local_rank, world
-from .ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .ring import BYTE, chunk_bounds, ring_allgather_, ring_allreduce_
 from .tree import tree_broadcast_
 
 CUDA_AWARE = "cuda-aware"
@@ -63,6 +64,12 @@ def array_module(x: object) -> Any:
 def is_device_array(x: object) -> bool:
     """True for a CuPy (GPU) array."""
     return array_module(x) is not np
+
+
+def on_device_of(x: object) -> Any:
+    """A context manager that makes `x`'s GPU the current device (no-op for host arrays):
+    new CuPy arrays are then allocated beside `x`, not on whichever device is current."""
+    return x.device if is_device_array(x) else contextlib.nullcontext()
 
 
 def contiguous_copy(x: Any) -> Any:
@@ -302,12 +309,12 @@ def _staged_step(out_dev: Any, out_host: np.ndarray, in_dev: Any, inbox: np.ndar
     # last step's inbox -> device copies are done; one tag is enough because MPI keeps the
     # messages between two ranks on one tag in order.
     dev.wait(inbox_free)
-    incoming = [comm.Irecv(inbox[a:b], source=left) for a, b in recvs]
+    incoming = [comm.Irecv([inbox[a:b], BYTE], source=left) for a, b in recvs]
     # Send each segment as soon as its copy has landed in pinned memory.
     outgoing = []
     for (a, b), event in zip(sends, ready):
         dev.wait(event)
-        outgoing.append(comm.Isend(out_host[a:b], dest=right))
+        outgoing.append(comm.Isend([out_host[a:b], BYTE], dest=right))
     # As each segment arrives, queue its copy to the device and its reduction there; the host
     # goes straight back to waiting for the next segment while the GPU works.
     for (a, b), request in zip(recvs, incoming):
@@ -401,8 +408,7 @@ def transport(w: World | None = None) -> str:
     rank; with a mix of installations, set RINGSYNC_CUDA_AWARE explicitly everywhere."""
     w = w or world()
     if "transport" not in w.backends:
-        setting = config.env_str("RINGSYNC_CUDA_AWARE", "auto", ("auto", "0", "1"))
-        w.backends["transport"] = decide_transport(setting, mpi_cuda_support)
+        w.backends["transport"] = decide_transport(w.settings.cuda_aware, mpi_cuda_support)
     return w.backends["transport"][0]
 
 
@@ -418,9 +424,9 @@ def force_transport(name: str | None, w: World | None = None) -> None:
         raise ValueError(f"name must be {CUDA_AWARE!r}, {STAGED!r} or None, got {name!r}")
 
 
-def staging_segment(itemsize: int) -> int:
-    """Elements per staged segment: RINGSYNC_STAGING_SEGMENT bytes (default 1 MiB)."""
-    return max(1, config.env_int("RINGSYNC_STAGING_SEGMENT", 1 << 20, minimum=1) // itemsize)
+def staging_segment(itemsize: int, segment_bytes: int) -> int:
+    """Elements per staged segment of `segment_bytes` (RINGSYNC_STAGING_SEGMENT, default 1 MiB)."""
+    return max(1, segment_bytes // itemsize)
 
 
 # --- the device front doors collectives.py calls ---------------------------------------------
@@ -448,7 +454,8 @@ def allreduce_device_(flat: Any, op: str, contributors: int = 0) -> None:
                 ring_allreduce_(flat, w.comm, _synced(getattr(cp, ops.OPS[op].__name__), dev.stream),
                                 scratch=scratch)
             else:
-                staged_allreduce_(flat, w.comm, ops.OPS[op], dev, staging_segment(flat.itemsize))
+                segment = staging_segment(flat.itemsize, w.settings.staging_segment)
+                staged_allreduce_(flat, w.comm, ops.OPS[op], dev, segment)
         if op == ops.Average:
             divide = cp.floor_divide if flat.dtype.kind in "iu" else cp.divide
             divide(flat, contributors or w.size, out=flat)
@@ -489,7 +496,8 @@ def describe() -> str:
     cp = import_cupy()
     w = world()
     index = choose_device(device_count(), local_rank())
-    name = cp.cuda.runtime.getDeviceProperties(index)["name"].decode()
+    name = cp.cuda.runtime.getDeviceProperties(index)["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)   # bytes in older CuPy
     transport(w)
     how, why = w.backends["transport"]
     return f"GPU: CuPy {cp.__version__}, rank {w.rank} -> device {index} ({name}); transport {how} ({why})"

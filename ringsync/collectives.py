@@ -1,26 +1,21 @@
 """The front doors: allreduce, broadcast, allgather and barrier on arrays.
 
-Each one checks its arguments, arms the cross-rank agreement check (agreement.py),
-flattens the array into a contiguous 1-D buffer, and hands it to a hand-written algorithm:
-recursive doubling (small.py), the ring (ring.py, ring_fast.py) or the tree (tree.py);
-CuPy arrays go through buffers.py. Names follow Horovod: a trailing underscore means
-"in place" (the call fills and returns its argument).
+Each one checks its arguments, arms the cross-rank agreement check (agreement.py), runs
+the opening (or lets a small all-reduce ride on it), and hands the buffer to a hand-written
+algorithm: the gathered reduce or recursive doubling (small.py), the ring (ring.py,
+ring_fast.py) or the tree (tree.py); CuPy arrays go through buffers.py. Names follow
+Horovod: a trailing underscore means "in place" (the call fills and returns its argument).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import buffers, join, ops, timing
-from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
+from . import buffers, ops, timing
+from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Call, Checker
 from .context import world
 from .ring import ring_allgather_, ring_allreduce_
-from .ring_fast import (
-    checked_ring_allreduce_,
-    choose,
-    pipelined_ring_allreduce_,
-    tuning,
-)
-from .small import recursive_doubling_allreduce_
+from .ring_fast import choose, pipelined_ring_allreduce_
+from .small import recursive_doubling_allreduce_, reduce_gathered_
 from .tree import dissemination_barrier, tree_broadcast_
 
 
@@ -40,7 +35,7 @@ def _as_array(x: object, arg: str) -> np.ndarray:
     return arr
 
 
-def _check_inplace(x: object, arg: str) -> np.ndarray:
+def check_inplace(x: object, arg: str) -> np.ndarray:
     """An in-place call needs a writeable, C-contiguous NumPy (or CuPy) array it can fill."""
     if type(x) is not np.ndarray and not isinstance(x, np.ndarray) and not buffers.is_device_array(x):
         raise TypeError(f"{arg} must be a numpy.ndarray for an in-place call, got {type(x).__name__}")
@@ -54,75 +49,134 @@ def _check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
-def _refuse(exc: BaseException) -> None:
+def refuse(exc: BaseException) -> None:
     """This rank's arguments are wrong: make the other ranks' matching call fail too (they
     would otherwise wait for this rank forever); the caller then raises `exc`."""
     world().checker.refuse(exc)
 
 
-def _allreduce_plain_(flat: np.ndarray, op: str, guard: Checker | None = None,
-                      contributors: int = 0) -> None:
-    """All-reduce a contiguous 1-D buffer, then the average's division if asked.
+# --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
 
-    The algorithm goes by size (ring_fast.choose; README: RINGSYNC_ALLREDUCE and friends):
-    recursive doubling for small buffers (fewest messages), ring.py's ring for the rest (least
-    traffic), pipelined in segments for large ones. All give the same bits on all ranks.
-    `guard` checks cross-rank agreement on the way (agreement.py); `contributors` is the
-    number of ranks whose data counts for an average (join.py), all of them by default.
+def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> None:
+    """All-reduce the contiguous 1-D buffer `flat` in place; an average divides by `contributors`.
+
+    With a guard, a call the ranks disagree on raises on every rank (agreement.py), or, when
+    the only difference is that ranks have joined (join.py), is redone without them.
     """
-    w = world()
-    if type(flat) is not np.ndarray and buffers.is_device_array(flat):
-        return _allreduce_device_(flat, op, guard, contributors)
-    n = flat.size
-    if n and w.size > 1:
-        settings = tuning()
-        algorithm, reduce = choose(flat.nbytes, w.size, settings), ops.OPS[op]
-        if algorithm == "doubling":
-            recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(n, flat.dtype), guard)
-        else:
-            largest_chunk = -(-n // w.size)     # chunk 0, ceil(n / p) elements
-            if algorithm == "pipelined":
-                segment = max(1, settings.segment_bytes // flat.itemsize)
-                pipelined_ring_allreduce_(flat, w.comm, reduce, w.scratch(
-                    2 * min(segment, largest_chunk), flat.dtype), segment, guard)
-            else:
-                scratch = w.scratch(2 * largest_chunk, flat.dtype)
-                if guard is None:
-                    ring_allreduce_(flat, w.comm, reduce, scratch)
-                else:
-                    checked_ring_allreduce_(flat, w.comm, reduce, scratch, guard)
-    elif guard is not None:
-        guard.agree(w.comm)         # no data, but the ranks must still agree
-    if guard is not None and guard.bad:
-        return join.redo_allreduce_(flat, op, guard)   # raises on every rank, unless joined
-    if op == ops.Average:
-        ops.finish_average_(flat, contributors or w.size)
-
-
-# The probe times the call inside a training step; nothing below here knows about timing.
-# _reduce_ calls the plain function when no step is being timed, to save the probe's layer.
-_allreduce_flat_ = timing.probe(_allreduce_plain_)
-
-
-def _allreduce_device_(flat, op: str, guard: Checker | None, contributors: int) -> None:
-    """A CuPy buffer: agree first (as an empty call does), then CUDA-aware MPI or pinned staging."""
-    if guard is not None:
-        guard.agree(world().comm)
-        if guard.bad:   # ranks have joined (join.py) and take part on the host path: so do we
+    if not _attempt_(flat, op, guard, contributors):
+        _, joined = guard.settle()          # raises on every rank, unless ranks have joined
+        contributors = world().size - len(joined)
+        if buffers.is_device_array(flat):   # joined ranks take part on the host: so do we
             host = buffers.array_module(flat).asnumpy(flat)
-            join.redo_allreduce_(host, op, guard)      # (or raises on every rank)
+            allreduce_flat_(host, op, None, contributors)
             flat.set(host)
-            return
-    buffers.allreduce_device_(flat, op, contributors or world().size)
+        else:
+            allreduce_flat_(flat, op, None, contributors)
 
 
-def _check_finite(flat: np.ndarray, guard: Checker | None, name: str | None) -> None:
-    """RINGSYNC_CHECK_FINITE: a NaN/Inf here fails this call on every rank, naming this one."""
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+def _attempt_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> bool:
+    """One try; False (with `flat` untouched) when the opening found the ranks disagreeing."""
+    if type(flat) is not np.ndarray and buffers.is_device_array(flat):
+        return _attempt_device_(flat, op, guard, contributors)
+    if op == ops.Average and flat.dtype.kind in "iu":
+        return _integer_average_(flat, guard, contributors)
+    w = world()
+    # An average is a sum of pre-scaled values: x/c summed stays in range where the sum of x
+    # would overflow (float16 40000 + 40000), as NCCL's average does.
+    prescale = contributors if op == ops.Average else 0
+    n = flat.size
+    if n == 0 or w.size == 1:
+        if guard is not None:
+            guard.agree()
+            return not guard.bad
+        return True
+    algorithm = choose(flat.nbytes, w.size, w.settings)
+    if guard is not None:
+        if algorithm == "doubling" and w.settings.allreduce == "auto":
+            # Small: the buffer rides on the opening itself, and each rank reduces the p
+            # gathered buffers in rank order (small.py). No message beyond the opening's.
+            slots = guard.slots(flat.dtype, n)
+            if prescale:
+                np.divide(flat, prescale, out=slots[0])
+            else:
+                np.copyto(slots[0], flat)
+            guard.agree(flat.nbytes)
+            if guard.bad:
+                return False
+            reduce_gathered_(flat, slots, ops.OPS[op], w.rank)
+            return True
+        guard.agree()
+        if guard.bad:
+            return False
+    if prescale:
+        np.divide(flat, prescale, out=flat)
+    reduce = ops.OPS[op]
+    if algorithm == "doubling":
+        recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(n, flat.dtype))
+    elif algorithm == "pipelined":
+        segment = max(1, w.settings.segment_bytes // flat.itemsize)
+        largest_chunk = -(-n // w.size)     # chunk 0, ceil(n / p) elements
+        pipelined_ring_allreduce_(flat, w.comm, reduce,
+                                  w.scratch(2 * min(segment, largest_chunk), flat.dtype), segment)
+    else:
+        ring_allreduce_(flat, w.comm, reduce, w.scratch(-(-n // w.size), flat.dtype))
+    return True
+
+
+def _integer_average_(flat: np.ndarray, guard: Checker | None, contributors: int) -> bool:
+    """The floor of the exact mean, with no overflow: x = c*q + r (0 <= r < c) on every rank,
+    so sum(x) // c = sum(q) + sum(r) // c, where neither sum can overflow a 64-bit integer."""
+    wide = np.dtype(np.int64 if flat.dtype.kind == "i" else np.uint64)
+    c = wide.type(contributors)
+    x = flat.astype(wide)
+    parts = np.empty(2 * flat.size, dtype=wide)
+    q, r = parts[:flat.size], parts[flat.size:]
+    np.floor_divide(x, c, out=q)
+    np.remainder(x, c, out=r)
+    if not _attempt_(parts, ops.Sum, guard, contributors):
+        return False
+    np.floor_divide(r, c, out=r)
+    np.add(q, r, out=q)
+    np.copyto(flat, q, casting="unsafe")    # the mean of in-range values is in range
+    return True
+
+
+def _attempt_device_(flat, op: str, guard: Checker | None, contributors: int) -> bool:
+    """A CuPy buffer: the opening first (trailer only), then CUDA-aware MPI or pinned staging."""
+    if guard is not None:
+        guard.agree()
+        if guard.bad:
+            return False
+    if op == ops.Average and flat.dtype.kind == "f":     # pre-scaled, as on the host
+        buffers.array_module(flat).divide(flat, contributors, out=flat)
+        op = ops.Sum
+    buffers.allreduce_device_(flat, op, contributors)
+    return True
+
+
+def _checked_allreduce_(flat: np.ndarray, op: str, call: Call) -> None:
+    """Arm the agreement check for `call`, check finiteness if asked, reduce `flat`."""
+    w = world()
+    guard = w.checker.arm(call)
+    if w.checker.finite and flat.dtype.kind == "f" and not buffers.array_module(flat).isfinite(flat).all():
         if guard is None:   # a single rank
-            raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or Inf in "
-                                     f"the input on rank {world().rank}")
+            raise FloatingPointError(f"allreduce{f' {call.name!r}' if call.name else ''}: NaN or "
+                                     f"Inf in the input on rank {w.rank}")
         guard.poison(NONFINITE)
+    allreduce_flat_(flat, op, guard, w.size)
+
+
+# Timing wraps the armed call from outside: in barrier mode its barrier is a collective of
+# its own, made before this call is armed. Nothing below here knows about timing.
+_timed_allreduce_ = timing.probe(_checked_allreduce_)
+
+
+def reduce_(flat: np.ndarray, op: str, call: Call) -> None:
+    """The all-reduce every front door ends in (fusion.py's buckets too)."""
+    if timing.idle():       # no step being timed: skip the probe's wrapper (~0.15 us a call)
+        _checked_allreduce_(flat, op, call)
+    else:
+        _timed_allreduce_(flat, op, call)
 
 
 def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
@@ -134,11 +188,11 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
     try:
         op = ops.resolve_op(op)
         out = buffers.contiguous_copy(_as_array(x, "x"))
-        _check_name(name)
+        check_name(name)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
-    _reduce_(out.reshape(-1), op, out.shape, name)
+    reduce_(out.reshape(-1), op, Call(ALLREDUCE, op, out.dtype, out.shape, name=name))
     return out
 
 
@@ -146,14 +200,14 @@ def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
     try:
         op = op if op is ops.Sum else ops.resolve_op(op)     # the default needs no look-up
-        flat = _check_inplace(x, "x")
+        flat = check_inplace(x, "x")
         flat = flat if flat.ndim == 1 else flat.reshape(-1)   # reshape costs ~0.1 us; skip it
         if name is not None:
-            _check_name(name)
+            check_name(name)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
-    _reduce_(flat, op, x.shape, name)
+    reduce_(flat, op, Call(ALLREDUCE, op, x.dtype, x.shape, name=name))
     return x
 
 
@@ -166,36 +220,28 @@ def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], .
     """
     try:
         op = ops.resolve_op(op)
-        flat = _check_inplace(flat, "flat")
+        flat = check_inplace(flat, "flat")
         if flat.ndim != 1:
             raise ValueError(f"flat must be 1-D, got shape {flat.shape}")
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         packed = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
         if packed != flat.size:
             raise ValueError(f"shapes hold {packed} elements but flat has {flat.size}")
-        layout = hash(shapes)
-        _check_name(name)
+        check_name(name)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
-    _reduce_(flat, op, flat.shape, name, len(shapes), layout)
+    reduce_(flat, op, Call(ALLREDUCE, op, flat.dtype, flat.shape, group=len(shapes),
+                           layout=layout_code(shapes), name=name))
     return flat
 
 
-def _reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None, group: int = 1,
-             layout: int = 0) -> None:
-    """Fingerprint the call (agreement.py), check finiteness if asked, reduce `flat`."""
-    checker = world().checker
-    guard = checker.arm(ALLREDUCE, op, flat.dtype, shape, -1, group, layout, name)
-    if checker.finite:
-        _check_finite(flat, guard, name)
-    if timing.idle():       # no step being timed: skip the probe's wrapper (~0.15 us a call)
-        _allreduce_plain_(flat, op, guard)
-    else:
-        _allreduce_flat_(flat, op, guard)
+def layout_code(shapes: tuple[tuple[int, ...], ...]) -> int:
+    """A code for a group's tensor shapes, the same in every process (hash of ints is)."""
+    return hash(shapes)
 
 
-def _check_name(name: object) -> None:
+def check_name(name: object) -> None:
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, got {type(name).__name__}")
 
@@ -209,14 +255,28 @@ def _check_root(root: object) -> int:
     return int(root)
 
 
+# --- broadcast, allgather, barrier -----------------------------------------------------------
+
+def _agree_or_settle(guard: Checker | None) -> bool:
+    """The opening for a call with no payload; False when ranks have joined (the caller then
+    goes on without them). Any other disagreement raises on every rank."""
+    if guard is None:
+        return True
+    guard.agree()
+    if guard.bad:
+        guard.settle()          # raises on every rank, unless ranks have joined
+        return False
+    return True
+
+
 def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
     try:
         root = _check_root(root)
-        _check_inplace(x, "x")
-        _check_name(name)
+        check_inplace(x, "x")
+        check_name(name)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
     return _broadcast_(x, root, name)
 
@@ -226,20 +286,16 @@ def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
     try:
         root = _check_root(root)
         out = buffers.contiguous_copy(_as_array(x, "x"))
-        _check_name(name)
+        check_name(name)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
     return _broadcast_(out, root, name)
 
 
 def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
-    guard = w.checker.arm(BROADCAST, "", x.dtype, x.shape, root, 1, 0, name)
-    if guard is not None:
-        guard.agree(w.comm)
-        if guard.bad:
-            guard.settle()    # raises on every rank, unless ranks have joined: then go on
+    _agree_or_settle(w.checker.arm(Call(BROADCAST, "", x.dtype, x.shape, root=root, name=name)))
     if buffers.is_device_array(x):
         buffers.broadcast_device_(x.reshape(-1), root)   # same tree, same messages
     else:
@@ -259,22 +315,23 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
             arr = arr.reshape(1)
         if arr.ndim > _MAX_NDIM:
             raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
-        _check_name(name)
+        check_name(name)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
-    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], -1, 1, 0, name)
-    return _allgather(arr, guard)
+    guard = world().checker.arm(Call(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name))
+    _agree_or_settle(guard)
+    return allgather_rows(arr)
 
 
-def _allgather(arr: np.ndarray, guard: Checker | None) -> np.ndarray:
+def allgather_rows(arr: np.ndarray) -> np.ndarray:
+    """The all-gather itself, after the opening (join.py's joined ranks call it directly)."""
     w = world()
-    rows = _exchange_layouts(arr, guard)
-    if rows is None:                        # some ranks have joined: redone without them
-        return _allgather(arr, None)
+    rows = _exchange_layouts(arr)
     firsts = rows[:, 0]
     xp = buffers.array_module(arr)
-    out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
+    with buffers.on_device_of(arr):         # the output lives on arr's GPU, not the current one
+        out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
     flat = out.reshape(-1)
     offsets = np.concatenate(([0], np.cumsum(firsts * per_row)))
@@ -290,20 +347,14 @@ def _allgather(arr: np.ndarray, guard: Checker | None) -> np.ndarray:
 _MAX_NDIM = 8
 
 
-def _exchange_layouts(arr: np.ndarray, guard: Checker | None) -> np.ndarray | None:
-    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash.
-
-    Returns None if the guard found that some ranks have joined (join.py).
-    """
+def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
+    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash."""
     w = world()
     rows = np.zeros((w.size, 3 + _MAX_NDIM), dtype=np.int64)
     mine = rows[w.rank]
     mine[:3] = arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim
     mine[3:3 + arr.ndim - 1] = arr.shape[1:]
-    ring_allgather_(list(rows), w.comm, owned=w.rank, guard=guard)
-    if guard is not None and guard.bad:
-        guard.settle()          # raises on every rank, unless ranks have joined
-        return None
+    ring_allgather_(list(rows), w.comm, owned=w.rank)
     agreed = (rows[:, 1:] == rows[0, 1:]).all(axis=1)
     if not agreed.all():
         def layout(r: int) -> str:
@@ -317,12 +368,9 @@ def _exchange_layouts(arr: np.ndarray, guard: Checker | None) -> np.ndarray | No
 def barrier() -> None:
     """Block until every rank has called barrier()."""
     w = world()
-    guard = w.checker.arm(BARRIER)
+    guard = w.checker.arm(Call(BARRIER))
     if guard is None:
         dissemination_barrier(w.comm)
-        return
-    # Guarded: p-1 empty ring steps. They are a barrier too (each rank hears, hop by hop,
-    # from every other), one more round than the dissemination barrier's log2(p) on 4 ranks.
-    guard.agree(w.comm)
-    if guard.bad:
-        guard.settle()          # raises on every rank, unless ranks have joined
+    else:
+        # The opening is a barrier too: it gathers a block from every rank, in ceil(log2 p) rounds.
+        _agree_or_settle(guard)

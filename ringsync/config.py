@@ -7,6 +7,7 @@ naming the variable, rather than being silently ignored.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
 
 def _raw(name: str) -> str | None:
@@ -65,3 +66,70 @@ def env_bool(name: str, default: bool) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name} must be 1 or 0 (true/false); got {value!r}")
+
+
+# --- the settings every rank must share ---------------------------------------------------------
+# Each of these changes which messages a rank sends (the algorithm, the segment size, whether a
+# call opens with the agreement check, how a fusion bucket is cut, whether a step starts with a
+# barrier). Ranks that read different values would send different messages and hang or crash,
+# so they are read once, at init(), frozen, and compared across ranks there (context.py).
+
+ALGORITHMS = ("auto", "doubling", "pipelined", "ring")
+TIMING_MODES = ("off", "passive", "barrier")
+DEFAULT_SMALL_BYTES = 16 * 1024
+DEFAULT_SEGMENT_BYTES = 512 * 1024
+DEFAULT_FUSION_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The shared settings, one field per RINGSYNC_* variable (the README's table)."""
+
+    allreduce: str = "auto"                    # RINGSYNC_ALLREDUCE: auto picks by size
+    small_bytes: int = DEFAULT_SMALL_BYTES     # RINGSYNC_SMALL_BYTES: auto's small-buffer limit
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES  # RINGSYNC_SEGMENT_BYTES: pipelined ring segments
+    check_agreement: bool = True               # RINGSYNC_CHECK_AGREEMENT
+    check_finite: bool = False                 # RINGSYNC_CHECK_FINITE
+    fusion_threshold: int = DEFAULT_FUSION_BYTES  # RINGSYNC_FUSION_THRESHOLD (0: no fusion)
+    timing: str = "passive"                    # RINGSYNC_TIMING
+    timing_every: int = 1000                   # RINGSYNC_TIMING_EVERY
+    cuda_aware: str = "auto"                   # RINGSYNC_CUDA_AWARE: auto, 0 or 1
+    staging_segment: int = 1 << 20             # RINGSYNC_STAGING_SEGMENT (bytes)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read every shared setting from the environment (ValueError names a bad variable)."""
+        return cls(
+            allreduce=env_str("RINGSYNC_ALLREDUCE", "auto", ALGORITHMS),
+            small_bytes=env_int("RINGSYNC_SMALL_BYTES", DEFAULT_SMALL_BYTES),
+            segment_bytes=env_int("RINGSYNC_SEGMENT_BYTES", DEFAULT_SEGMENT_BYTES, minimum=1),
+            check_agreement=env_bool("RINGSYNC_CHECK_AGREEMENT", True),
+            check_finite=env_bool("RINGSYNC_CHECK_FINITE", False),
+            fusion_threshold=env_int("RINGSYNC_FUSION_THRESHOLD", DEFAULT_FUSION_BYTES),
+            timing=env_str("RINGSYNC_TIMING", "passive", TIMING_MODES),
+            timing_every=env_int("RINGSYNC_TIMING_EVERY", 1000),
+            cuda_aware=env_str("RINGSYNC_CUDA_AWARE", "auto", ("auto", "0", "1")),
+            staging_segment=env_int("RINGSYNC_STAGING_SEGMENT", 1 << 20, minimum=1),
+        )
+
+    def encode(self) -> bytes:
+        """The settings as text, one `VARIABLE=value` per line: what ranks compare at init()."""
+        return "\n".join(f"{var}={value}" for var, value in self.variables().items()).encode()
+
+    def variables(self) -> dict[str, str]:
+        """{RINGSYNC_* name: value as text}, in the dataclass's field order."""
+        return {f"RINGSYNC_{f.name.upper()}": str(getattr(self, f.name)).lower() for f in fields(self)}
+
+
+def differing_settings(texts: list[bytes]) -> str | None:
+    """None if every rank's encoded Settings agree; else 'VAR: value on ranks 0, 2; other on rank 1; ...'."""
+    tables = [dict(line.split("=", 1) for line in t.decode().splitlines()) for t in texts]
+    parts = []
+    for var in tables[0]:
+        values: dict[str, list[int]] = {}
+        for q, table in enumerate(tables):
+            values.setdefault(table.get(var, "?"), []).append(q)
+        if len(values) > 1:
+            parts.append(f"{var}: " + "; ".join(
+                f"{v!r} on rank{'s' if len(qs) > 1 else ''} {', '.join(map(str, qs))}" for v, qs in values.items()))
+    return " | ".join(parts) or None

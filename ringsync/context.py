@@ -15,6 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import agreement, config, stall
+from .ring import ring_allgather_
 
 
 class World:
@@ -28,13 +29,19 @@ class World:
         self.local_comm: MPI.Comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
+        try:
+            # Settings that change what a rank sends, read once, compared across ranks, frozen.
+            self.settings: config.Settings = agreed_settings(self.comm)
+        except ValueError:
+            self.local_comm.Free()
+            self.comm.Free()
+            raise
         self._scratch: dict[np.dtype, np.ndarray] = {}
         self._views: dict[np.dtype, np.ndarray] = {}
-        # MPI errors as exceptions (the agreement check catches truncation), then the
-        # cross-rank agreement check and the stall inspector's watchdog thread.
+        # MPI errors as exceptions, then the cross-rank agreement check and the stall
+        # inspector's watchdog thread.
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
-        self.checker = agreement.Checker(self.comm, config.env_bool("RINGSYNC_CHECK_AGREEMENT", True),
-                                         config.env_bool("RINGSYNC_CHECK_FINITE", False))
+        self.checker = agreement.Checker(self.comm, self.settings)
         self.inspector = stall.start(self)
         # buffers.py keeps its per-device scratch caches and the transport decision here.
         self.backends: dict[object, object] = {}
@@ -60,6 +67,35 @@ class World:
         self._scratch.clear()
         self._views.clear()
         self.backends.clear()
+
+
+SETTINGS_BYTES = 2048     # room for every rank's settings text, the same on every rank
+
+
+def agreed_settings(comm: MPI.Comm) -> config.Settings:
+    """config.Settings from this rank's environment, after checking that every rank has the
+    same: otherwise every rank raises ValueError naming the variables and each rank's value.
+
+    (Compared with ring.py's all-gather of fixed-size rows: MPI's own collectives are not
+    used inside ringsync.)
+    """
+    try:
+        settings = config.Settings.from_env()
+        text = settings.encode()
+    except ValueError as exc:
+        settings, text = None, b"!" + str(exc).encode()
+    p, r = comm.Get_size(), comm.Get_rank()
+    rows = np.zeros((p, SETTINGS_BYTES), dtype=np.uint8)
+    rows[r, :len(text)] = np.frombuffer(text[:SETTINGS_BYTES], dtype=np.uint8)
+    ring_allgather_(list(rows), comm, owned=r)
+    texts = [bytes(row).rstrip(b"\0") for row in rows]
+    errors = [(q, t[1:].decode()) for q, t in enumerate(texts) if t.startswith(b"!")]
+    if errors:
+        raise ValueError("; ".join(f"rank {q}: {why}" for q, why in errors))
+    differing = config.differing_settings(texts)
+    if differing:
+        raise ValueError(f"ranks disagree on ringsync settings (each must be the same on every rank): {differing}")
+    return settings
 
 
 _world: World | None = None

@@ -32,17 +32,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops, timing
-from .buffers import array_module, is_device_array
-from .collectives import _check_inplace, _reduce_, _refuse
-from .config import env_int
-
-DEFAULT_FUSION_BYTES = 64 * 1024 * 1024
+from .agreement import ALLREDUCE, Call
+from .buffers import array_module, is_device_array, on_device_of
+from .collectives import check_inplace, layout_code, reduce_, refuse
+from .config import DEFAULT_FUSION_BYTES
+from .context import world
 
 
 def fusion_threshold(fusion_bytes: int | None = None) -> int:
-    """The bucket size in bytes: `fusion_bytes` if given, else RINGSYNC_FUSION_THRESHOLD, else 64 MiB."""
+    """The bucket size in bytes: `fusion_bytes` if given, else RINGSYNC_FUSION_THRESHOLD (read
+    at init(), the same on every rank), else 64 MiB."""
     if fusion_bytes is None:
-        return env_int("RINGSYNC_FUSION_THRESHOLD", DEFAULT_FUSION_BYTES, minimum=0)
+        return world().settings.fusion_threshold
     if isinstance(fusion_bytes, bool) or not isinstance(fusion_bytes, (int, np.integer)):
         raise TypeError(f"fusion_bytes must be an int, got {type(fusion_bytes).__name__}")
     if fusion_bytes < 0:
@@ -131,7 +132,8 @@ class _FusionBuffers:
         key = (xp.__name__, like.device.id if xp is not np else -1, np.dtype(dtype))
         buf = self._bufs.get(key)
         if buf is None or buf.size < count:
-            buf = xp.empty(count, dtype=dtype)
+            with on_device_of(like):        # on the bucket's GPU, not the current one
+                buf = xp.empty(count, dtype=dtype)
             self._bufs[key] = buf
         return buf[:count]
 
@@ -139,20 +141,25 @@ class _FusionBuffers:
 _buffers = _FusionBuffers()
 
 
+def bucket_call(span: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...]) -> Call:
+    """The agreement check's view of a bucket: its buffer, plus its tensor count and shapes
+    (the same whether the tensors came as a FlatBuffer's views or as a list)."""
+    return Call(ALLREDUCE, op, span.dtype, span.shape, group=len(shapes), layout=layout_code(shapes))
+
+
 def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
     """One ring all-reduce for the whole bucket: in place if adjacent, else via the buffer."""
     span = bucket[0].reshape(-1) if len(bucket) == 1 else contiguous_span(bucket)
-    # The agreement check (agreement.py) also compares the bucket's tensor count and shapes.
-    group, layout = len(bucket), hash(tuple(a.shape for a in bucket))
+    shapes = tuple(a.shape for a in bucket)
     if span is not None:
-        _reduce_(span, op, span.shape, None, group, layout)
+        reduce_(span, op, bucket_call(span, op, shapes))
         return
     total = sum(a.size for a in bucket)
     buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])
     t = timing.now()
     array_module(buf).concatenate([a.reshape(-1) for a in bucket], out=buf)   # pack: one pass
     timing.mark("pack", t)                            # (a span in --timeline traces)
-    _reduce_(buf, op, buf.shape, None, group, layout)
+    reduce_(buf, op, bucket_call(buf, op, shapes))
     t = timing.now()
     offset = 0
     for a in bucket:                                  # unpack
@@ -180,17 +187,16 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     try:   # a rank refusing its arguments makes the others' call fail too, not wait for it
         op, threshold = _check_group(arrays, op, fusion_bytes)
         if not isinstance(arrays, FlatViews):
-            arrays = [_check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+            arrays = [check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
             if len({array_module(a) for a in arrays}) > 1:
                 raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device "
                                 "arrays in separate calls")
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
-        owner = arrays.owner                          # (ranks must agree on all its shapes)
-        for span in owner.buckets(threshold):
-            _reduce_(span, op, span.shape, None, len(owner.shapes), owner.layout)
+        for span, shapes in arrays.owner.buckets(threshold):
+            reduce_(span, op, bucket_call(span, op, shapes))
         return list(arrays)
     plan = plan_buckets([a.nbytes for a in arrays], [a.dtype for a in arrays], threshold)
     for bucket in plan:
@@ -213,7 +219,7 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
             ops.check_dtype(a.dtype, f"arrays[{i}]")
             sources.append(a)
     except (TypeError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
         raise
     outputs: list[np.ndarray | None] = [None] * len(sources)
     for xp, dtype in dict.fromkeys((array_module(a), a.dtype) for a in sources):
@@ -258,17 +264,18 @@ class FlatBuffer:
         self.views = FlatViews([self.flat[a:b].reshape(shape) for a, b, shape in
                                 zip(self.offsets, self.offsets[1:], self.shapes)], owner=self)
         self._buckets: dict[int, list] = {}
-        self.layout = hash(tuple(self.shapes))   # for the cross-rank agreement check
 
     def __len__(self) -> int:
         return len(self.views)
 
-    def buckets(self, threshold: int) -> list:
-        """Slices of `flat` covering its views, grouped as plan_buckets groups them (cached)."""
+    def buckets(self, threshold: int) -> list[tuple[np.ndarray, tuple[tuple[int, ...], ...]]]:
+        """(slice of `flat`, its tensors' shapes) per bucket, grouped as plan_buckets groups
+        the views (cached): the same buckets as a list of the views would give."""
         if threshold not in self._buckets:
             itemsize = self.flat.dtype.itemsize
             sizes = [(b - a) * itemsize for a, b in zip(self.offsets, self.offsets[1:])]
             plan = plan_buckets(sizes, [self.flat.dtype] * len(sizes), threshold)
-            self._buckets[threshold] = [self.flat[self.offsets[b[0]]:self.offsets[b[-1] + 1]]
-                                        for b in plan]
+            self._buckets[threshold] = [
+                (self.flat[self.offsets[b[0]]:self.offsets[b[-1] + 1]], tuple(self.shapes[i] for i in b))
+                for b in plan]
         return self._buckets[threshold]

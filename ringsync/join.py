@@ -18,15 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .agreement import (
-    ALLGATHER,
-    ALLREDUCE,
-    BROADCAST,
-    JOIN,
-    Checker,
-    record_call,
-    record_shape,
-)
+from .agreement import ALLGATHER, ALLREDUCE, BROADCAST, JOIN, Call, Checker, record_call, record_shape
 from .context import world
 
 
@@ -42,8 +34,8 @@ def join() -> int:
     if not checker.enabled:
         raise RuntimeError("join() needs the agreement check: unset RINGSYNC_CHECK_AGREEMENT=0")
     while True:
-        guard = checker.arm(JOIN)
-        guard.agree(w.comm)
+        guard = checker.arm(Call(JOIN))
+        guard.agree()
         if not guard.bad:            # every rank is in join() (the others' fingerprints match)
             return _finish(checker, w.size)
         row, joined = guard.settle()         # raises here too if the others disagree
@@ -63,29 +55,18 @@ def _finish(checker: Checker, size: int) -> int:
 
 def _take_part(row: np.ndarray) -> None:
     """Do this rank's share of the call a record describes, contributing nothing."""
-    from .collectives import (  # (collectives imports this module)
-        _allgather,
-        _allreduce_flat_,
-    )
+    from .collectives import allgather_rows, allreduce_flat_  # (collectives imports this module)
     from .tree import tree_broadcast_
 
-    kind, op, dtype, root, count = record_call(row)
-    if kind == ALLREDUCE:
-        _allreduce_flat_(neutral(count, dtype, op), op)
-    elif kind == BROADCAST:
-        tree_broadcast_(np.empty(count, dtype=dtype), world().comm, root)
-    elif kind == ALLGATHER:
-        _allgather(np.empty((0,) + record_shape(row), dtype=dtype), None)
+    call = record_call(row)
+    if call.kind == ALLREDUCE:
+        # The others redo their call without the check: so does this rank, with nothing to add.
+        allreduce_flat_(neutral(call.count, call.dtype, call.op), call.op, None, world().size)
+    elif call.kind == BROADCAST:
+        tree_broadcast_(np.empty(call.count, dtype=call.dtype), world().comm, call.root)
+    elif call.kind == ALLGATHER:
+        allgather_rows(np.empty((0,) + record_shape(row), dtype=call.dtype))
     # a barrier needs nothing more: the slow path has already met every rank
-
-
-def redo_allreduce_(flat: np.ndarray, op: str, guard: Checker) -> None:
-    """After a failed check: raise on every rank, or, if ranks have joined, reduce without them."""
-    from .collectives import _allreduce_flat_
-
-    _, joined = guard.settle()
-    # __wrapped__: the timing probe around _allreduce_flat_ is already timing this call.
-    _allreduce_flat_.__wrapped__(flat, op, None, contributors=world().size - len(joined))
 
 
 def neutral(count: int, dtype: np.dtype, op: str) -> np.ndarray:

@@ -28,16 +28,15 @@ and then copied. So every rank ends with bitwise identical results, floats inclu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import numpy as np
 from mpi4py import MPI
 
 # Optional callback for teaching tools: observe(phase, step) after every step.
 Observer = Callable[[str, int], None]
 
-if TYPE_CHECKING:
-    from .agreement import Checker as Guard
+# Messages travel as raw bytes ([array, MPI.BYTE]): ringsync never asks MPI to reduce, so MPI
+# needs no datatype for float16 (not every MPI library has one) or any other dtype.
+BYTE = MPI.BYTE
 
 
 def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:
@@ -80,7 +79,7 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
         outgoing = chunks[(r - step) % p]
         mine = chunks[(r - step - 1) % p]
         incoming = scratch[:mine.size]
-        comm.Sendrecv(outgoing, dest=right, recvbuf=incoming, source=left)
+        comm.Sendrecv([outgoing, BYTE], dest=right, recvbuf=[incoming, BYTE], source=left)
         reduce(mine, incoming, out=mine)
         if observe:
             observe("reduce-scatter", step)
@@ -91,12 +90,11 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
 
 
 def ring_allgather_(chunks: list[np.ndarray], comm: MPI.Comm, owned: int,
-                    observe: Observer | None = None, guard: Guard | None = None) -> None:
+                    observe: Observer | None = None) -> None:
     """All-gather around the ring: this rank holds chunks[owned]; afterwards it holds them all.
 
     Chunks may have different sizes (allgather of ragged arrays uses that), but every rank
     must pass the same sizes. Rank r+1 must own chunk owned+1, and so on around the ring.
-    With a `guard`, every step also checks that all ranks make the same call (agreement.py).
     """
     p = comm.Get_size()
     right, left = (comm.Get_rank() + 1) % p, (comm.Get_rank() - 1) % p
@@ -104,9 +102,6 @@ def ring_allgather_(chunks: list[np.ndarray], comm: MPI.Comm, owned: int,
         # Send the newest finished chunk on; receive the next one straight into place.
         outgoing = chunks[(owned - step) % p]
         incoming = chunks[(owned - step - 1) % p]
-        if guard is None:
-            comm.Sendrecv(outgoing, dest=right, recvbuf=incoming, source=left)
-        else:
-            guard.sendrecv(comm, outgoing, right, incoming, left)
+        comm.Sendrecv([outgoing, BYTE], dest=right, recvbuf=[incoming, BYTE], source=left)
         if observe:
             observe("all-gather", step)

@@ -1,13 +1,7 @@
-"""The ring of ring.py, as the library runs it: checked, planned once, pipelined when large.
+"""The ring of ring.py, pipelined for large buffers, and which all-reduce runs at which size.
 
-Same algorithm, same result bits as ring.py (read that first). Two variants live here.
-
-checked_ring_allreduce_ carries the cross-rank agreement check (agreement.py) on its own
-reduce-scatter messages, so checking costs no extra message. Until every step has agreed,
-partial sums travel in the two halves of a scratch buffer instead of the caller's buffer:
-a call the ranks disagree on leaves the input intact (join.py redoes it from there).
-
-pipelined_ring_allreduce_ is for large buffers. Three changes pay there:
+Same algorithm, same result bits as ring.py (read that first). Three changes pay for large
+buffers:
 
 1. Segments. In the reduce-scatter each chunk travels in segments of `segment` bytes
    (RINGSYNC_SEGMENT_BYTES). A segment lands in a small scratch buffer that stays in the
@@ -25,16 +19,12 @@ The all-gather needs no change: it already receives each chunk straight into pla
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
-from .config import env_int, env_str
-from .ring import chunk_bounds, ring_allgather_
-
-if TYPE_CHECKING:
-    from .agreement import Checker as Guard
+from .config import Settings
+from .ring import BYTE, chunk_bounds, ring_allgather_
 
 
 @lru_cache(maxsize=256)
@@ -51,53 +41,16 @@ def ring_plan(n: int, p: int, segment: int) -> tuple[tuple[slice, ...], tuple[tu
     return chunks, segments
 
 
-def checked_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
-                            scratch: np.ndarray, guard: Guard) -> np.ndarray:
-    """ring.ring_allreduce_ with the agreement check on its reduce-scatter; in place, same bits.
-
-    `scratch` holds two of the largest chunk. If the ranks disagree, every rank still makes
-    its p-1 steps, `buf` stays untouched and `guard.bad` is set.
-    """
-    p, r = comm.Get_size(), comm.Get_rank()
-    if p == 1 or buf.size == 0:
-        return buf
-    right, left = (r + 1) % p, (r - 1) % p
-    chunks = [buf[s] for s in ring_plan(buf.size, p, max(buf.size, 1))[0]]
-    largest = chunks[0].size
-    outgoing = chunks[r]
-    for step in range(p - 1):
-        mine = chunks[(r - step - 1) % p]
-        start = largest if step % 2 else 0       # the halves take turns: one sends, one receives
-        incoming = scratch[start:start + mine.size]
-        guard.sendrecv(comm, outgoing, right, incoming, left)
-        if guard.bad:
-            continue            # keep stepping (every rank sends p-1 messages), reduce nothing
-        # The partial sum stays in scratch, to be sent next; only the last step writes buf.
-        outgoing = mine if step == p - 2 else incoming
-        reduce(mine, incoming, out=outgoing)
-    if not guard.bad:
-        ring_allgather_(chunks, comm, owned=(r + 1) % p)
-    return buf
-
-
 def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
-                              scratch: np.ndarray, segment: int,
-                              guard: Guard | None = None) -> np.ndarray:
+                              scratch: np.ndarray, segment: int) -> np.ndarray:
     """ring.ring_allreduce_ with segmented, pipelined reduce-scatter steps; in place, same bits.
 
     `segment` is the segment length in elements; `scratch` is a 1-D buffer of the same dtype
-    with room for two segments (2 * min(segment, largest chunk) elements). `guard`
-    (agreement.py) checks first that every rank makes the same call; if they do not, it
-    returns with `buf` untouched and `guard.bad` set.
+    with room for two segments (2 * min(segment, largest chunk) elements).
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.size == 0:
         return buf
-    if guard is not None:
-        # p-1 empty guarded ring steps: a latency each, small beside a buffer this large.
-        guard.agree(comm)
-        if guard.bad:
-            return buf
     right, left = (r + 1) % p, (r - 1) % p
     chunk_slices, segment_slices = ring_plan(buf.size, p, segment)
     half = scratch.size // 2
@@ -108,14 +61,14 @@ def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
         mine_segments = segment_slices[(r - step - 1) % p]
         # Receive segment i into slot i % 2; post the next receive before reducing this one.
         # (Receives go first, so the left neighbour's data finds them waiting.)
-        pending = comm.Irecv(slots[0][:mine_segments[0].stop - mine_segments[0].start], source=left)
-        sends = [comm.Isend(buf[s], dest=right) for s in send_segments]
+        pending = comm.Irecv([slots[0][:mine_segments[0].stop - mine_segments[0].start], BYTE], source=left)
+        sends = [comm.Isend([buf[s], BYTE], dest=right) for s in send_segments]
         for i, seg in enumerate(mine_segments):
             incoming = slots[i % 2][:seg.stop - seg.start]
             arrived = pending
             if i + 1 < len(mine_segments):
                 nxt = mine_segments[i + 1]
-                pending = comm.Irecv(slots[(i + 1) % 2][:nxt.stop - nxt.start], source=left)
+                pending = comm.Irecv([slots[(i + 1) % 2][:nxt.stop - nxt.start], BYTE], source=left)
             arrived.Wait()
             mine = buf[seg]
             reduce(mine, incoming, out=mine)
@@ -127,39 +80,15 @@ def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
 
 # --- which algorithm for which size -----------------------------------------------------------
 
-ALGORITHMS = ("auto", "doubling", "pipelined", "ring")
-
-
-class Tuning(NamedTuple):
-    """The all-reduce's algorithm choice: see README (RINGSYNC_ALLREDUCE, _SMALL_BYTES, _SEGMENT_BYTES)."""
-
-    algorithm: str      # "auto" picks by size; the others force one algorithm for every size
-    small_bytes: int    # auto: buffers up to this many bytes use recursive doubling
-    segment_bytes: int  # pipelined ring: segment size in bytes
-
-
-@lru_cache(maxsize=1)
-def tuning() -> Tuning:
-    """The settings, read from the environment once per process (the front door is hot).
-
-    Call tuning.cache_clear() after changing the variables within a process.
-    """
-    return Tuning(
-        algorithm=env_str("RINGSYNC_ALLREDUCE", "auto", choices=ALGORITHMS),
-        small_bytes=env_int("RINGSYNC_SMALL_BYTES", 16 * 1024),
-        segment_bytes=env_int("RINGSYNC_SEGMENT_BYTES", 512 * 1024, minimum=1),
-    )
-
-
-def choose(nbytes: int, p: int, settings: Tuning) -> str:
+def choose(nbytes: int, p: int, settings: Settings) -> str:
     """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'pipelined' or 'ring'.
 
     Small buffers: recursive doubling (fewest messages). Otherwise the ring (least traffic),
     pipelined only when a chunk spans several segments: below that, segments add messages
     and save nothing, as a one-segment chunk fits in the cache anyway.
     """
-    if settings.algorithm != "auto":
-        return settings.algorithm
+    if settings.allreduce != "auto":
+        return settings.allreduce
     if nbytes <= settings.small_bytes:
         return "doubling"
     return "pipelined" if nbytes > p * settings.segment_bytes else "ring"

@@ -1,4 +1,12 @@
-"""Recursive doubling: the all-reduce for small buffers, in ceil(log2 p) rounds (+2 when p is odd-sized).
+"""Small all-reduces: the gathered reduce (riding on the agreement check), and recursive doubling.
+
+With the agreement check on (the default), a small buffer rides on the check's opening
+(agreement.py), an all-gather of every rank's block in ceil(log2 p) rounds: afterwards each
+rank holds all p buffers, and reduce_gathered_ reduces them in rank order. Every rank runs
+the same additions in the same order, so all get the same bits, and no message is sent
+beyond the opening's. It sends (p-1)n per rank, which is why it is for small buffers only.
+
+Without the check, recursive doubling, in ceil(log2 p) rounds (+2 when p is odd-sized):
 
 The ring sends 2(p-1) messages; for a few kilobytes each message costs its latency, not its
 bytes, so fewer, larger messages win. Recursive doubling: in round k rank r swaps its whole
@@ -17,13 +25,25 @@ doubling; the odd ones then hand the result back. (The scheme MPICH uses.)
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
 
-if TYPE_CHECKING:
-    from .agreement import Checker as Guard
+from .ring import BYTE
+
+
+def reduce_gathered_(buf: np.ndarray, slots: list[np.ndarray], reduce: np.ufunc, r: int) -> np.ndarray:
+    """buf = slot of rank 0 (op) rank 1 (op) ... (op) rank p-1, where slots[i] holds rank r+i's data.
+
+    The operand order is fixed (lower rank first), so every rank computes the same bits,
+    even for min/max of +0 and -0 or of two NaNs.
+    """
+    p = len(slots)
+    first, second = slots[-r % p], slots[(1 - r) % p]
+    reduce(first, second, out=buf)
+    for q in range(2, p):
+        reduce(buf, slots[(q - r) % p], out=buf)
+    return buf
 
 
 @lru_cache(maxsize=256)
@@ -46,49 +66,34 @@ def doubling_plan(p: int, r: int) -> tuple[int, int, tuple[int, ...]]:
 
 
 def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
-                                  scratch: np.ndarray, guard: Guard | None = None) -> np.ndarray:
-    """Reduce the 1-D contiguous `buf` across `comm` in place; `scratch` holds buf.size elements.
-
-    `guard` (agreement.py) checks first that every rank makes the same call; if they do not,
-    it returns with `buf` untouched and `guard.bad` set.
-    """
+                                  scratch: np.ndarray) -> np.ndarray:
+    """Reduce the 1-D contiguous `buf` across `comm` in place; `scratch` holds buf.size elements."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.size == 0:
         return buf
     if p == 2:
         # Two ranks, the common case, spelled out: one swap, one reduce (no plan to look up).
-        # This one exchange is also the ring's one step, so the agreement check rides on it;
-        # buf is not written unless both ranks agree.
         partner = 1 - r
-        if guard is not None:
-            guard.sendrecv(comm, buf, partner, scratch, partner)
-            if guard.bad:
-                return buf
-        else:
-            comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+        comm.Sendrecv([buf, BYTE], dest=partner, recvbuf=[scratch, BYTE], source=partner)
         if r == 1:
             reduce(scratch, buf, out=buf)   # lower rank's data first
         else:
             reduce(buf, scratch, out=buf)
         return buf
-    if guard is not None:
-        guard.agree(comm)                   # p-1 empty guarded ring steps first
-        if guard.bad:
-            return buf
     gives_to, takes_from, partners = doubling_plan(p, r)
 
     # Fold: among the first 2*rem ranks, evens give their data to the odd rank above them.
     if gives_to >= 0:
-        comm.Send(buf, dest=gives_to)
-        comm.Recv(buf, source=gives_to)     # ... and, at the end, get the result back
+        comm.Send([buf, BYTE], dest=gives_to)
+        comm.Recv([buf, BYTE], source=gives_to)     # ... and, at the end, get the result back
         return buf
     if takes_from >= 0:
-        comm.Recv(scratch, source=takes_from)
+        comm.Recv([scratch, BYTE], source=takes_from)
         reduce(scratch, buf, out=buf)       # lower rank's data first
 
     # Double: swap whole buffers with each partner in turn, reducing in rank order.
     for partner in partners:
-        comm.Sendrecv(buf, dest=partner, recvbuf=scratch, source=partner)
+        comm.Sendrecv([buf, BYTE], dest=partner, recvbuf=[scratch, BYTE], source=partner)
         if partner < r:
             reduce(scratch, buf, out=buf)
         else:
@@ -96,5 +101,5 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
 
     # Unfold: the rank that sat out gets the finished result, a copy of ours.
     if takes_from >= 0:
-        comm.Send(buf, dest=takes_from)
+        comm.Send([buf, BYTE], dest=takes_from)
     return buf

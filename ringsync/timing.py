@@ -160,9 +160,9 @@ _local_hooks: list[Callable[[StepRecord], None]] = []
 _gathered_hooks: list[Callable[[list[StepRecord]], None]] = []
 
 
-def mode_from_env(default: str = DEFAULT_MODE) -> str:
-    """RINGSYNC_TIMING, one of off, passive, barrier."""
-    return config.env_str("RINGSYNC_TIMING", default, MODES)
+def mode_from_env() -> str:
+    """RINGSYNC_TIMING as init() read it (the same on every rank): off, passive or barrier."""
+    return world().settings.timing
 
 
 def start(mode: str | None = None, *, every: int | None = None, timeline: str | None = None,
@@ -198,7 +198,7 @@ def _settings(mode: str | None, every: int | None, timeline: str | None,
     mode = mode_from_env() if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    every = config.env_int("RINGSYNC_TIMING_EVERY", DEFAULT_EVERY) if every is None else every
+    every = world().settings.timing_every if every is None else every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f"every must be a whole number >= 0 (0: gather at finish only), got {every!r}")
     timeline = config.env_str("RINGSYNC_TIMELINE", "") if timeline is None else timeline

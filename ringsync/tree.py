@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from .ring import BYTE
+
 _EMPTY = np.empty(0, dtype=np.uint8)
 
 
@@ -23,14 +25,14 @@ def tree_broadcast_(buf: np.ndarray, comm: MPI.Comm, root: int) -> np.ndarray:
     mask = 1
     while mask < p:
         if vrank & mask:
-            comm.Recv(buf, source=(vrank - mask + root) % p)
+            comm.Recv([buf, BYTE], source=(vrank - mask + root) % p)
             break
         mask <<= 1
     # Then pass it on to the children, vrank + mask/2, vrank + mask/4, ..., vrank + 1.
     mask >>= 1
     while mask > 0:
         if vrank + mask < p:
-            comm.Send(buf, dest=(vrank + mask + root) % p)
+            comm.Send([buf, BYTE], dest=(vrank + mask + root) % p)
         mask >>= 1
     return buf
 

@@ -10,6 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_cupy
+from mpitools import ringsync_settings
 
 cp = fake_cupy.install()
 
@@ -52,12 +53,13 @@ def collectives() -> list[str]:
                         bad.append(f"{transport} allreduce {op} {dtype} {shape}")
                     if not np.array_equal(cp.asnumpy(gx), x):
                         bad.append(f"{transport} allreduce changed its input")
-        os.environ["RINGSYNC_STAGING_SEGMENT"] = "12"        # many segments per chunk
-        x = rank_data(1001, "float64", 3)
-        gx = cp.asarray(x)
-        if rs.allreduce_(gx) is not gx or not same(gx, rs.allreduce(x), exact=False):
-            bad.append(f"{transport} allreduce_ in place, small segments")
-        del os.environ["RINGSYNC_STAGING_SEGMENT"]
+        with ringsync_settings(RINGSYNC_STAGING_SEGMENT="12"):     # many segments per chunk
+            buffers.force_transport(transport)
+            x = rank_data(1001, "float64", 3)
+            gx = cp.asarray(x)
+            if rs.allreduce_(gx) is not gx or not same(gx, rs.allreduce(x), exact=False):
+                bad.append(f"{transport} allreduce_ in place, small segments")
+        buffers.force_transport(transport)
         for root in range(COMM.size):
             x = rank_data(50, "float32", 4)
             gx = cp.asarray(x)

@@ -1,11 +1,13 @@
 """Test helpers: launch subprocess MPI jobs, and make every rank pass or fail together."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +51,25 @@ def same_bits_everywhere(arr) -> bool:
 
     mine = (np.ascontiguousarray(arr).tobytes(), arr.shape, arr.dtype.str)
     return all(m == mine for m in MPI.COMM_WORLD.allgather(mine))
+
+
+@contextlib.contextmanager
+def ringsync_settings(**env: str) -> Iterator[None]:
+    """Run the block with ringsync re-initialized under these RINGSYNC_* variables (init()
+    reads and compares them), then restore the environment and re-initialize. Collective."""
+    import ringsync
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    ringsync.shutdown()
+    try:
+        ringsync.init()
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        ringsync.shutdown()
+        ringsync.init()

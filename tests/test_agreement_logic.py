@@ -12,15 +12,17 @@ from ringsync.agreement import (
     MismatchError,
     judge,
 )
+from ringsync.config import Settings
 from ringsync.join import neutral
 
 
 def record(kind=ALLREDUCE, op="sum", dtype=np.float32, shape=(4,), root=-1, group=1, name=None,
            calls=7, flags=0):
-    checker = agreement.Checker(MPI.COMM_SELF, True, False)
+    checker = agreement.Checker(MPI.COMM_SELF, Settings())
     checker.enabled = True                  # a 1-rank communicator switches it off
     checker.calls = calls - 1
-    checker.arm(kind, op, np.dtype(dtype) if dtype else None, shape, root, group, 0, name)
+    checker.arm(agreement.Call(kind, op, np.dtype(dtype) if dtype else None, shape, root=root,
+                               group=group, name=name))
     checker.flags = flags
     return checker.record()
 

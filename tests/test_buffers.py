@@ -10,6 +10,7 @@ import pytest
 from mpitools import ROOT
 
 from ringsync import buffers
+from ringsync.config import Settings
 
 
 def test_numpy_arrays_never_import_cupy():
@@ -86,12 +87,12 @@ def test_segments_cover_the_buffer():
 
 def test_staging_segment_from_environment(monkeypatch):
     monkeypatch.delenv("RINGSYNC_STAGING_SEGMENT", raising=False)
-    assert buffers.staging_segment(4) == 1 << 18
+    assert buffers.staging_segment(4, Settings.from_env().staging_segment) == 1 << 18
     monkeypatch.setenv("RINGSYNC_STAGING_SEGMENT", "2")
-    assert buffers.staging_segment(8) == 1
+    assert buffers.staging_segment(8, Settings.from_env().staging_segment) == 1
     monkeypatch.setenv("RINGSYNC_STAGING_SEGMENT", "0")
     with pytest.raises(ValueError, match="RINGSYNC_STAGING_SEGMENT"):
-        buffers.staging_segment(4)
+        buffers.staging_segment(4, Settings.from_env().staging_segment)
 
 
 def test_without_a_gpu_the_reason_is_one_line():

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from ringsync.config import Settings
 from ringsync.fusion import FlatBuffer, contiguous_span, fusion_threshold, plan_buckets
 
 F32, F64, I32 = np.dtype("float32"), np.dtype("float64"), np.dtype("int32")
@@ -61,13 +62,14 @@ def test_not_adjacent_means_no_span():
 
 
 def test_threshold_argument_and_environment(monkeypatch):
+    # The environment's value is read at init() (config.Settings), the same on every rank.
     monkeypatch.delenv("RINGSYNC_FUSION_THRESHOLD", raising=False)
-    assert fusion_threshold() == 64 * 2**20
+    assert Settings.from_env().fusion_threshold == 64 * 2**20
     monkeypatch.setenv("RINGSYNC_FUSION_THRESHOLD", "1024")
-    assert fusion_threshold() == 1024 and fusion_threshold(0) == 0
+    assert Settings.from_env().fusion_threshold == 1024 and fusion_threshold(0) == 0
     monkeypatch.setenv("RINGSYNC_FUSION_THRESHOLD", "-1")
     with pytest.raises(ValueError, match="RINGSYNC_FUSION_THRESHOLD"):
-        fusion_threshold()
+        Settings.from_env()
     with pytest.raises(ValueError, match="fusion_bytes"):
         fusion_threshold(-5)
     with pytest.raises(TypeError, match="fusion_bytes"):
@@ -76,8 +78,8 @@ def test_threshold_argument_and_environment(monkeypatch):
 
 def test_flat_buffer_buckets_follow_the_plan():
     fb = FlatBuffer([(2,), (2,), (4,), (1,)], np.float32)        # 8, 8, 16, 4 bytes
-    assert [b.size for b in fb.buckets(16)] == [4, 4, 1]
-    assert [b.size for b in fb.buckets(0)] == [2, 2, 4, 1]
-    assert [b.size for b in fb.buckets(1 << 20)] == [9]
-    assert all(np.shares_memory(b, fb.flat) for b in fb.buckets(16))
+    assert [b.size for b, _ in fb.buckets(16)] == [4, 4, 1]
+    assert [b.size for b, _ in fb.buckets(0)] == [2, 2, 4, 1]
+    assert [b.size for b, _ in fb.buckets(1 << 20)] == [9]
+    assert all(np.shares_memory(b, fb.flat) for b, _ in fb.buckets(16))
     assert isinstance(fb.views, tuple) and fb.views.owner is fb

@@ -3,14 +3,17 @@
 Every dtype, every op, odd lengths (fewer elements than ranks, chunks that do not divide),
 segments small enough that a chunk travels in many pieces, and the same bits on every rank.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import assert_everywhere, same_bits_everywhere
+from mpitools import assert_everywhere, ringsync_settings, same_bits_everywhere
 
 from ringsync import ops
+from ringsync.config import Settings
 from ringsync.ring import ring_allreduce_
-from ringsync.ring_fast import choose, pipelined_ring_allreduce_, ring_plan, tuning
+from ringsync.ring_fast import choose, pipelined_ring_allreduce_, ring_plan
 from ringsync.small import recursive_doubling_allreduce_
 
 COMM = MPI.COMM_WORLD
@@ -85,11 +88,8 @@ def test_signed_zeros_and_nans_give_the_same_bits_everywhere(algorithm):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["auto", "doubling", "pipelined", "ring"])
-def test_front_door_honours_the_algorithm_setting(rs, monkeypatch, algorithm):
-    monkeypatch.setenv("RINGSYNC_ALLREDUCE", algorithm)
-    monkeypatch.setenv("RINGSYNC_SEGMENT_BYTES", "40")
-    tuning.cache_clear()
-    try:
+def test_front_door_honours_the_algorithm_setting(rs, algorithm):
+    with ringsync_settings(RINGSYNC_ALLREDUCE=algorithm, RINGSYNC_SEGMENT_BYTES="40"):
         failures = []
         for n in (0, 1, 5, 999, 20000):
             x = rank_data(n, "float64", seed=n)
@@ -103,31 +103,23 @@ def test_front_door_honours_the_algorithm_setting(rs, monkeypatch, algorithm):
             if not ok:
                 failures.append(n)
         assert_everywhere(not failures, f"{algorithm}: wrong for lengths {failures}")
-    finally:
-        monkeypatch.undo()
-        tuning.cache_clear()
 
 
 def test_choice_by_size_and_override():
-    settings = tuning()._replace(algorithm="auto", small_bytes=100, segment_bytes=1000)
+    settings = Settings(allreduce="auto", small_bytes=100, segment_bytes=1000)
     assert choose(100, 2, settings) == "doubling"
     assert choose(101, 2, settings) == "ring"          # a chunk fits in one segment
     assert choose(2000, 2, settings) == "ring"
     assert choose(2001, 2, settings) == "pipelined"    # chunks span several segments
     assert choose(3000, 3, settings) == "ring"
-    assert choose(10, 2, settings._replace(algorithm="ring")) == "ring"
-    assert choose(10**9, 2, settings._replace(algorithm="doubling")) == "doubling"
+    assert choose(10, 2, replace(settings, allreduce="ring")) == "ring"
+    assert choose(10**9, 2, replace(settings, allreduce="doubling")) == "doubling"
 
 
 def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("RINGSYNC_ALLREDUCE", "fastest")
-    tuning.cache_clear()
-    try:
-        with pytest.raises(ValueError, match="RINGSYNC_ALLREDUCE"):
-            tuning()
-    finally:
-        monkeypatch.undo()
-        tuning.cache_clear()
+    with pytest.raises(ValueError, match="RINGSYNC_ALLREDUCE"):
+        Settings.from_env()
 
 
 def test_ring_plan_segments_cover_every_chunk_exactly():
@@ -143,12 +135,10 @@ def test_ring_plan_segments_cover_every_chunk_exactly():
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("algorithm", ["doubling", "pipelined", "ring"])
 @pytest.mark.parametrize("n", [10, 30000])
-def test_every_algorithm_refuses_mismatched_calls_on_every_rank(rs, monkeypatch, algorithm, n):
-    # The agreement check (agreement.py) rides on each algorithm: lengths that differ across
+def test_every_algorithm_refuses_mismatched_calls_on_every_rank(rs, algorithm, n):
+    # The agreement check (agreement.py) opens every algorithm: lengths that differ across
     # ranks must raise on every rank, leave the input untouched, and leave the world usable.
-    monkeypatch.setenv("RINGSYNC_ALLREDUCE", algorithm)
-    tuning.cache_clear()
-    try:
+    with ringsync_settings(RINGSYNC_ALLREDUCE=algorithm):
         x = np.ones(n + COMM.rank, dtype=np.float32)
         raised = False
         try:
@@ -158,6 +148,3 @@ def test_every_algorithm_refuses_mismatched_calls_on_every_rank(rs, monkeypatch,
         assert_everywhere(raised and bool(np.all(x == 1)), f"{algorithm}: mismatch not refused cleanly")
         ok = rs.allreduce(np.ones(n, dtype=np.float32))
         assert_everywhere(bool(np.all(ok == COMM.size)), f"{algorithm}: the next call went wrong")
-    finally:
-        monkeypatch.undo()
-        tuning.cache_clear()
