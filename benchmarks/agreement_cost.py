@@ -3,11 +3,6 @@
 Times ringsync.allreduce_ on one small buffer (default 4 KB of float32) with the check on
 and off, in interleaved blocks (on, off, off, on, ...) so that a busy machine slows both
 alike, and prints the median time of each and the median of the per-round ratios.
-
---loopback runs in ONE process that plays rank 0 of 2, its messages to "rank 1" coming
-straight back through MPI.COMM_SELF: no partner process to wait for, so on a loaded
-machine it isolates the CPU work the check adds (the ratio is then an upper bound: a real
-partner adds latency to both sides).
 """
 import statistics
 import time
@@ -20,34 +15,16 @@ import ringsync as rs
 from ringsync.context import world
 
 
-class Loopback:
-    """Rank 0 of a pretend 2-rank world: whatever it sends to rank 1 comes back from rank 1."""
-
-    def Get_size(self) -> int:
-        return 2
-
-    def Get_rank(self) -> int:
-        return 0
-
-    def Sendrecv(self, sendbuf, dest=0, sendtag=0, recvbuf=None, source=MPI.ANY_SOURCE,
-                 recvtag=MPI.ANY_TAG, status=None):
-        return MPI.COMM_SELF.Sendrecv(sendbuf, 0, sendtag, recvbuf, 0, recvtag, status)
-
-
 def main() -> None:
     parser = bl.Parser(prog="agreement_cost.py", description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", type=int, default=4096, help="buffer size (default 4096)")
     parser.add_argument("--rounds", type=int, default=31, help="on/off pairs (default 31)")
     parser.add_argument("--iters", type=int, default=1000, help="calls per block (default 1000)")
-    parser.add_argument("--loopback", action="store_true", help="one process, see above")
     args = parser.parse_args()
     if args.bytes < 4 or args.rounds < 1 or args.iters < 1:
         parser.error("--bytes must be >= 4, --rounds and --iters >= 1")
 
     rs.init()
-    if args.loopback:
-        w = world()
-        w.comm, w.size, w.rank = Loopback(), 2, 0
     checker = world().checker
     x = np.zeros(args.bytes // 4, dtype=np.float32)   # zeros: repeated sums stay finite
 
@@ -55,8 +32,7 @@ def main() -> None:
         checker.enabled = enabled
         for _ in range(50):                     # warm-up
             rs.allreduce_(x)
-        if not args.loopback:
-            MPI.COMM_WORLD.Barrier()
+        MPI.COMM_WORLD.Barrier()
         start = time.perf_counter()
         for _ in range(args.iters):
             rs.allreduce_(x)
@@ -70,7 +46,7 @@ def main() -> None:
         off.append(b if first else a)
     if rs.rank() == 0:
         ratios = [a / b for a, b in zip(on, off)]
-        print(f"{world().size} ranks{' (loopback)' if args.loopback else ''}, {args.bytes} B float32 allreduce_, {args.rounds} interleaved rounds "
+        print(f"{world().size} ranks, {args.bytes} B float32 allreduce_, {args.rounds} interleaved rounds "
               f"of {args.iters} calls")
         print(f"check on : median {statistics.median(on):7.2f} us, best block {min(on):7.2f} us")
         print(f"check off: median {statistics.median(off):7.2f} us, best block {min(off):7.2f} us")

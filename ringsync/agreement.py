@@ -9,12 +9,12 @@ Horovod stops this with a negotiation round before every reduction.
 ringsync's check is an *opening*: every guarded collective begins with the same pattern of
 ceil(log2 p) message rounds, whatever the call, so ranks in different calls still meet.
 
-  * Each rank makes a *block*: its payload, then a 32-byte trailer holding the call's
-    fingerprint (a 128-bit BLAKE2b digest of its full signature: which collective, op,
-    dtype, shape, root, tensor count and shapes, name), its call number, and flags.
+  * Each rank makes a *block*: its payload, then a trailer holding the call's whole
+    signature (which collective, op, dtype, shape, root, tensor count and shapes, name,
+    call number, flags) as a fixed-width record.
   * The blocks are all-gathered in Bruck's pattern: in round k rank r sends the blocks it
     holds to r - 2^k and receives as many from r + 2^k. After ceil(log2 p) rounds every rank
-    holds every rank's block, so every rank compares every fingerprint with its own: all
+    holds every rank's block, so every rank compares every signature with its own: all
     ranks reach the same verdict, with no further message.
   * No receive is ever shorter than what can arrive. The largest block any guarded call
     sends is fixed when ringsync starts (RINGSYNC_SMALL_BYTES of payload plus the trailer,
@@ -22,8 +22,8 @@ ceil(log2 p) message rounds, whatever the call, so ranks in different calls stil
     room for that many of the largest blocks. What arrived is then checked by its byte count,
     then by its trailers. A rank that saw a message of the wrong size marks its own trailer,
     which travels on with every block it forwards.
-  * A fingerprint collision would need two different signatures with the same BLAKE2b digest:
-    unlike a tag-sized hash, that cannot happen by accident or be built on purpose.
+  * Trailers are compared byte for byte, not through a hash or an MPI tag (every opening
+    message has the same tag): two different calls can never pass for one.
   * Small all-reduces ride on the opening: the payload is the buffer itself, and after the
     opening each rank holds all p buffers and reduces them in rank order (small.py): one
     latency per round and no extra message at all. Larger calls send trailer-only blocks,
@@ -105,9 +105,13 @@ RECORD = np.dtype([("kind", "<i8"), ("op", "<i8"), ("dtype", "<i8"), ("root", "<
                    ("count", "<i8"), ("ndim", "<i8"), ("dims", "<i8", (MAX_DIMS,)),
                    ("name", f"S{NAME_BYTES}")])
 
-# The trailer of an opening block: fingerprint (two 64-bit halves), call number, flags.
-TRAILER = struct.Struct("<qqqq")
-OPENING_TAG = 1       # the opening's messages; the algorithms' own travel on tag 0
+# The trailer of an opening block: the whole signature record, then a digest of what the
+# record cuts off (see signature_bytes). Call number and flags sit inside the record.
+TRAILER_BYTES = RECORD.itemsize + 16
+CALL_AND_FLAGS = struct.Struct("<qq")           # written at the record's "call" field
+CALL_AT = RECORD.fields["call"][1]
+assert RECORD.fields["flags"][1] == CALL_AT + 8 and TRAILER_BYTES % 8 == 0
+OPENING_TAG = 1       # every opening message; the algorithms' own travel on tag 0
 _BYTE = MPI.BYTE
 
 
@@ -125,13 +129,12 @@ def make_record(call: Call, number: int = 0, flags: int = 0) -> np.ndarray:
     return row
 
 
-def fingerprint(call: Call) -> tuple[int, int]:
-    """128 bits of BLAKE2b over the whole record (and the full shape and name, beyond the
-    record's widths): equal only for equal calls."""
-    h = hashlib.blake2b(make_record(call).tobytes(), digest_size=16)
-    h.update(repr((tuple(call.shape), call.name)).encode())
-    lo, hi = struct.unpack("<qq", h.digest())
-    return lo, hi
+def signature_bytes(call: Call) -> bytes:
+    """The trailer's signature: `call`'s record (with call number and flags zero), then 16
+    bytes of BLAKE2b over its full shape and name, which the record cuts at 8 dimensions and
+    64 bytes. Equal bytes, equal calls: nothing is compared through a hash of the record."""
+    overflow = hashlib.blake2b(repr((tuple(call.shape), call.name)).encode(), digest_size=16)
+    return make_record(call).tobytes() + overflow.digest()
 
 
 def _ceil_log2(p: int) -> int:
@@ -154,19 +157,20 @@ class Checker:
         self.finite = settings.check_finite
         self.calls = 0          # collective calls made on this rank: the call-order check
         self.call = 0           # the call counter when the current call was armed
-        self.current: Call | None = None
+        self._key: tuple = ()
         self.bad = False        # True once this rank knows the current call went wrong
         self.flags = 0
-        self._fp = (0, 0)
-        self._fingerprints: dict[Call, tuple[int, int]] = {}
+        self._signature = b""
+        self._signatures: dict[tuple, bytes] = {}
         self.joined: set[int] = set()    # ranks seen (by every rank alike) to have joined
         self.last_joined = -1
         # The opening: Bruck rounds (distance 2^k, blocks m_k), and room for p of the
         # largest blocks any rank may send, so no receive is ever too short.
         self.small_bytes = settings.small_bytes
-        self.capacity = _pad8(settings.small_bytes) + TRAILER.size
+        self.capacity = _pad8(settings.small_bytes) + TRAILER_BYTES
         self.rounds = [(1 << k, min(1 << k, p - (1 << k))) for k in range(_ceil_log2(p))]
         self.blocks = np.zeros(p * self.capacity if p > 1 else 0, dtype=np.uint8)
+        self._memory = memoryview(self.blocks)
         self._plans: dict[int, list[tuple]] = {}
         self._slots: dict[tuple[np.dtype, int], list[np.ndarray]] = {}
         self.status = MPI.Status()
@@ -174,24 +178,29 @@ class Checker:
     # -- the fast path -------------------------------------------------------------------
 
     @property
-    def signature(self) -> Call | None:
-        return self.current
+    def current(self) -> Call | None:
+        """The call armed last (None before the first)."""
+        return Call(*self._key) if self._key else None
 
     @property
     def name(self) -> str | None:
-        return self.current.name if self.current else None
+        return self._key[-1] if self._key else None
 
-    def arm(self, call: Call) -> Checker | None:
-        """Count and fingerprint this call; returns the guard for the algorithm, or None if off."""
+    def arm(self, kind: Kind, op: str = "", dtype: np.dtype | None = None, shape: tuple = (), *,
+            root: int = -1, group: int = 1, layout: int = 0,
+            name: str | None = None) -> Checker | None:
+        """Count this call and note its signature (the fields of a Call); returns the guard
+        for the algorithm, or None if the check is off."""
         self.calls += 1
         if not self.enabled:
             return None
-        fp = self._fingerprints.get(call)
-        if fp is None:      # a training loop makes the same calls over and over: hash once each
-            if len(self._fingerprints) > 4096:
-                self._fingerprints.clear()
-            fp = self._fingerprints[call] = fingerprint(call)
-        self._fp, self.current, self.call = fp, call, self.calls
+        key = (kind, op, dtype, shape, root, group, layout, name)   # a plain tuple: cheap to hash
+        signature = self._signatures.get(key)
+        if signature is None:   # a training loop makes the same calls over and over: once each
+            if len(self._signatures) > 4096:
+                self._signatures.clear()
+            signature = self._signatures[key] = signature_bytes(Call(*key))
+        self._signature, self._key, self.call = signature, key, self.calls
         self.bad, self.flags = False, 0
         return self
 
@@ -203,7 +212,7 @@ class Checker:
         if views is None:
             if len(self._slots) > 256:
                 self._slots.clear()
-            step = _pad8(count * dtype.itemsize) + TRAILER.size
+            step = _pad8(count * dtype.itemsize) + TRAILER_BYTES
             views = self._slots[key] = [
                 self.blocks[i * step:i * step + count * dtype.itemsize].view(dtype)
                 for i in range(self.size)]
@@ -212,26 +221,29 @@ class Checker:
     def agree(self, nbytes: int = 0) -> None:
         """The opening: all-gather every rank's block (an `nbytes` payload already written
         into slot 0, then the trailer), compare, and set `bad` alike on every rank."""
-        step = _pad8(nbytes) + TRAILER.size
+        step = _pad8(nbytes) + TRAILER_BYTES
         plan = self._plans.get(step) or self._plan(step)
-        blocks, comm, status, trailer = self.blocks, self.comm, self.status, step - TRAILER.size
-        lo, hi = self._fp
-        TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags)
+        blocks, memory, comm, status = self.blocks, self._memory, self.comm, self.status
+        trailer = step - TRAILER_BYTES
+        memory[trailer:step] = self._signature
+        CALL_AND_FLAGS.pack_into(blocks, trailer + CALL_AT, self.call, self.flags)
         relayed = False
         for send, dest, recv, source, expected in plan:
             comm.Sendrecv([send, _BYTE], dest, OPENING_TAG, [recv, _BYTE], source, OPENING_TAG, status)
             if status.Get_count(_BYTE) != expected and not relayed:
                 relayed = True      # a neighbour in another call: say so to whoever we forward to
-                TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags | Flag.RELAYED)
-        self.bad = relayed or self.flags != 0 or not self._all_match(step, (lo, hi, self.call, 0))
-
-    def _all_match(self, step: int, mine: tuple[int, int, int, int]) -> bool:
-        unpack, blocks, trailer = TRAILER.unpack_from, self.blocks, step - TRAILER.size
-        return all(unpack(blocks, i * step + trailer) == mine for i in range(1, self.size))
+                CALL_AND_FLAGS.pack_into(blocks, trailer + CALL_AT, self.call, self.flags | Flag.RELAYED)
+        if relayed or self.flags:
+            self.bad = True
+            return
+        # Every rank's trailer must equal ours, byte for byte (flags included: all zero).
+        mine = bytes(memory[trailer:step])
+        self.bad = any(bytes(memory[i * step + trailer:(i + 1) * step]) != mine
+                       for i in range(1, self.size))
 
     def _plan(self, step: int) -> list[tuple]:
         """Per round: (send view, dest, receive view, source, expected bytes), for blocks of `step`."""
-        p, r, blocks = self.size, self.rank, memoryview(self.blocks)
+        p, r, blocks = self.size, self.rank, self._memory
         plan = []
         for distance, count in self.rounds:
             # Receive with room for `count` of the largest blocks: whatever a rank in another
@@ -251,7 +263,7 @@ class Checker:
         """
         if not self.enabled:
             return
-        self.arm(Call(REFUSED, name=type(exc).__name__))
+        self.arm(REFUSED, name=type(exc).__name__)
         self.poison(REFUSAL)
         self.agree()
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import buffers, ops, timing
-from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Call, Checker
+from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
 from .context import world
 from .ring import ring_allgather_, ring_allreduce_
 from .ring_fast import choose, pipelined_ring_allreduce_
@@ -154,13 +154,15 @@ def _attempt_device_(flat, op: str, guard: Checker | None, contributors: int) ->
     return True
 
 
-def _checked_allreduce_(flat: np.ndarray, op: str, call: Call) -> None:
-    """Arm the agreement check for `call`, check finiteness if asked, reduce `flat`."""
+def _checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None,
+                        group: int, layout: int) -> None:
+    """Arm the agreement check (a tensor of `shape`, or `group` tensors of a fusion bucket
+    whose shapes give `layout`), check finiteness if asked, reduce `flat`."""
     w = world()
-    guard = w.checker.arm(call)
+    guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout, name=name)
     if w.checker.finite and flat.dtype.kind == "f" and not buffers.array_module(flat).isfinite(flat).all():
         if guard is None:   # a single rank
-            raise FloatingPointError(f"allreduce{f' {call.name!r}' if call.name else ''}: NaN or "
+            raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or "
                                      f"Inf in the input on rank {w.rank}")
         guard.poison(NONFINITE)
     allreduce_flat_(flat, op, guard, w.size)
@@ -171,12 +173,13 @@ def _checked_allreduce_(flat: np.ndarray, op: str, call: Call) -> None:
 _timed_allreduce_ = timing.probe(_checked_allreduce_)
 
 
-def reduce_(flat: np.ndarray, op: str, call: Call) -> None:
+def reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None = None, *,
+            group: int = 1, layout: int = 0) -> None:
     """The all-reduce every front door ends in (fusion.py's buckets too)."""
     if timing.idle():       # no step being timed: skip the probe's wrapper (~0.15 us a call)
-        _checked_allreduce_(flat, op, call)
+        _checked_allreduce_(flat, op, shape, name, group, layout)
     else:
-        _timed_allreduce_(flat, op, call)
+        _timed_allreduce_(flat, op, shape, name, group, layout)
 
 
 def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
@@ -192,7 +195,7 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
     except (TypeError, ValueError) as exc:
         refuse(exc)
         raise
-    reduce_(out.reshape(-1), op, Call(ALLREDUCE, op, out.dtype, out.shape, name=name))
+    reduce_(out.reshape(-1), op, out.shape, name)
     return out
 
 
@@ -207,7 +210,7 @@ def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.
     except (TypeError, ValueError) as exc:
         refuse(exc)
         raise
-    reduce_(flat, op, Call(ALLREDUCE, op, x.dtype, x.shape, name=name))
+    reduce_(flat, op, x.shape, name)
     return x
 
 
@@ -231,8 +234,7 @@ def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], .
     except (TypeError, ValueError) as exc:
         refuse(exc)
         raise
-    reduce_(flat, op, Call(ALLREDUCE, op, flat.dtype, flat.shape, group=len(shapes),
-                           layout=layout_code(shapes), name=name))
+    reduce_(flat, op, flat.shape, name, group=len(shapes), layout=layout_code(shapes))
     return flat
 
 
@@ -295,7 +297,7 @@ def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
 
 def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
-    _agree_or_settle(w.checker.arm(Call(BROADCAST, "", x.dtype, x.shape, root=root, name=name)))
+    _agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root, name=name))
     if buffers.is_device_array(x):
         buffers.broadcast_device_(x.reshape(-1), root)   # same tree, same messages
     else:
@@ -319,7 +321,7 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         refuse(exc)
         raise
-    guard = world().checker.arm(Call(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name))
+    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name)
     _agree_or_settle(guard)
     return allgather_rows(arr)
 
@@ -368,7 +370,7 @@ def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
 def barrier() -> None:
     """Block until every rank has called barrier()."""
     w = world()
-    guard = w.checker.arm(Call(BARRIER))
+    guard = w.checker.arm(BARRIER)
     if guard is None:
         dissemination_barrier(w.comm)
     else:

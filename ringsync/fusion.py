@@ -32,10 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops, timing
-from .agreement import ALLREDUCE, Call
 from .buffers import array_module, is_device_array, on_device_of
 from .collectives import check_inplace, layout_code, reduce_, refuse
-from .config import DEFAULT_FUSION_BYTES
 from .context import world
 
 
@@ -141,10 +139,10 @@ class _FusionBuffers:
 _buffers = _FusionBuffers()
 
 
-def bucket_call(span: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...]) -> Call:
-    """The agreement check's view of a bucket: its buffer, plus its tensor count and shapes
-    (the same whether the tensors came as a FlatBuffer's views or as a list)."""
-    return Call(ALLREDUCE, op, span.dtype, span.shape, group=len(shapes), layout=layout_code(shapes))
+def reduce_bucket_span_(span: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...]) -> None:
+    """All-reduce a bucket's buffer; the agreement check also covers its tensor count and
+    shapes (the same whether the tensors came as a FlatBuffer's views or as a list)."""
+    reduce_(span, op, span.shape, group=len(shapes), layout=layout_code(shapes))
 
 
 def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
@@ -152,14 +150,14 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
     span = bucket[0].reshape(-1) if len(bucket) == 1 else contiguous_span(bucket)
     shapes = tuple(a.shape for a in bucket)
     if span is not None:
-        reduce_(span, op, bucket_call(span, op, shapes))
+        reduce_bucket_span_(span, op, shapes)
         return
     total = sum(a.size for a in bucket)
     buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])
     t = timing.now()
     array_module(buf).concatenate([a.reshape(-1) for a in bucket], out=buf)   # pack: one pass
     timing.mark("pack", t)                            # (a span in --timeline traces)
-    reduce_(buf, op, bucket_call(buf, op, shapes))
+    reduce_bucket_span_(buf, op, shapes)
     t = timing.now()
     offset = 0
     for a in bucket:                                  # unpack
@@ -196,7 +194,7 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
         raise
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
         for span, shapes in arrays.owner.buckets(threshold):
-            reduce_(span, op, bucket_call(span, op, shapes))
+            reduce_bucket_span_(span, op, shapes)
         return list(arrays)
     plan = plan_buckets([a.nbytes for a in arrays], [a.dtype for a in arrays], threshold)
     for bucket in plan:

@@ -18,7 +18,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .agreement import ALLGATHER, ALLREDUCE, BROADCAST, JOIN, Call, Checker, record_call, record_shape
+from .agreement import (
+    ALLGATHER,
+    ALLREDUCE,
+    BROADCAST,
+    JOIN,
+    Checker,
+    record_call,
+    record_shape,
+)
 from .context import world
 
 
@@ -34,7 +42,7 @@ def join() -> int:
     if not checker.enabled:
         raise RuntimeError("join() needs the agreement check: unset RINGSYNC_CHECK_AGREEMENT=0")
     while True:
-        guard = checker.arm(Call(JOIN))
+        guard = checker.arm(JOIN)
         guard.agree()
         if not guard.bad:            # every rank is in join() (the others' fingerprints match)
             return _finish(checker, w.size)
@@ -55,7 +63,10 @@ def _finish(checker: Checker, size: int) -> int:
 
 def _take_part(row: np.ndarray) -> None:
     """Do this rank's share of the call a record describes, contributing nothing."""
-    from .collectives import allgather_rows, allreduce_flat_  # (collectives imports this module)
+    from .collectives import (  # (collectives imports this module)
+        allgather_rows,
+        allreduce_flat_,
+    )
     from .tree import tree_broadcast_
 
     call = record_call(row)

@@ -28,6 +28,7 @@ and then copied. So every rank ends with bitwise identical results, floats inclu
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import numpy as np
 from mpi4py import MPI
 

@@ -115,7 +115,7 @@ class Inspector:
 
     def _what(self, calls: int) -> str:
         """'allreduce 'name' (call #12)' when the agreement check knows the call, else less."""
-        signature = self.checker.signature
+        signature = self.checker.current
         if self.checker.enabled and signature and self.checker.call == calls:
             name = f" {self.checker.name!r}" if self.checker.name else ""
             return f"{agreement.KIND_NAMES.get(signature[0], 'a collective')}{name} (call #{calls})"

@@ -21,8 +21,7 @@ def record(kind=ALLREDUCE, op="sum", dtype=np.float32, shape=(4,), root=-1, grou
     checker = agreement.Checker(MPI.COMM_SELF, Settings())
     checker.enabled = True                  # a 1-rank communicator switches it off
     checker.calls = calls - 1
-    checker.arm(agreement.Call(kind, op, np.dtype(dtype) if dtype else None, shape, root=root,
-                               group=group, name=name))
+    checker.arm(kind, op, np.dtype(dtype) if dtype else None, shape, root=root, group=group, name=name)
     checker.flags = flags
     return checker.record()
 
