@@ -10,7 +10,6 @@ import pytest
 from mpi4py import MPI
 from mpitools import assert_everywhere, ringsync_settings
 
-from ringsync.agreement import TRAILER_BYTES
 from ringsync.context import world
 
 COMM = MPI.COMM_WORLD
@@ -110,10 +109,44 @@ def test_join_in_every_timing_mode(rs, mode):
     assert_everywhere(R == 0 or np.array_equal(got, want), f"rank {R} got {got} with rank 0 joined")
 
 
+# --- calls whose signatures collide in a tag-sized hash --------------------------------------
+
+def colliding_names(space=2**28, tries=40_000):
+    """Two names for which (allreduce, sum, float64, (16,), name_a) and (allreduce, max,
+    float64, (16,), name_b) hash to the same value modulo `space`, as a check that folds the
+    signature into an MPI tag (28 bits under MPICH) would see them: a birthday search."""
+    import zlib
+
+    def signature_hash(op_code, name):
+        return hash((1, op_code, 3, (16,), -1, 1, 0, zlib.crc32(name.encode()) + 1)) % space
+
+    seen = {signature_hash(4, f"a{i}"): f"a{i}" for i in range(tries)}     # op codes: max 2, sum 4
+    for i in range(tries):
+        other = seen.get(signature_hash(2, f"b{i}"))
+        if other is not None:
+            return other, f"b{i}"
+    return None
+
+
+@pytest.mark.mpi(min_size=2)
+def test_signatures_that_collide_in_a_tag_sized_hash_still_raise_on_every_rank(rs):
+    names = colliding_names()
+    assert names is not None
+    op, name = ("sum", names[0]) if R == 0 else ("max", names[1])
+    for n in (16,):
+        x = np.arange(n, dtype=np.float64) + R
+        before = x.copy()
+        ok = raised_everywhere(lambda: rs.allreduce_(x, op=op, name=name), rs.MismatchError, "op differs")
+        assert_everywhere(ok and np.array_equal(x, before), f"rank {R}: colliding calls went through")
+    world_still_works(rs)
+
+
 # --- no receive shorter than what can arrive -----------------------------------------------
 
 @pytest.mark.mpi(min_size=2)
 def test_opening_receives_have_room_for_the_largest_block_any_rank_sends(rs):
+    from ringsync.agreement import TRAILER_BYTES
+
     checker = world().checker
     largest = checker.capacity                   # payload limit + trailer, the same everywhere
     ok = True
