@@ -221,7 +221,7 @@ class Checker:
     def agree(self, nbytes: int = 0) -> None:
         """The opening: all-gather every rank's block (an `nbytes` payload already written
         into slot 0, then the trailer), compare, and set `bad` alike on every rank."""
-        step = _pad8(nbytes) + TRAILER_BYTES
+        step = ((nbytes + 7) & ~7) + TRAILER_BYTES
         plan = self._plans.get(step) or self._plan(step)
         blocks, memory, comm, status = self.blocks, self._memory, self.comm, self.status
         trailer = step - TRAILER_BYTES

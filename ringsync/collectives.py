@@ -99,7 +99,7 @@ def _attempt_(flat: np.ndarray, op: str, guard: Checker | None, contributors: in
             if prescale:
                 np.divide(flat, prescale, out=slots[0])
             else:
-                np.copyto(slots[0], flat)
+                slots[0][...] = flat            # (cheaper than np.copyto for a few KB)
             guard.agree(flat.nbytes)
             if guard.bad:
                 return False
