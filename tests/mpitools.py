@@ -76,3 +76,31 @@ def same_bits_everywhere(arr) -> bool:
 
     mine = (np.ascontiguousarray(arr).tobytes(), arr.shape, arr.dtype.str)
     return all(m == mine for m in MPI.COMM_WORLD.allgather(mine))
+
+
+def exact_integer_allreduce(x: np.ndarray, op: str) -> np.ndarray:
+    """The oracle for integer dtypes, computed with NumPy from every rank's gathered input.
+
+    MPI libraries differ on integer overflow (Open MPI's Allreduce saturates uint16 sums, MPICH
+    and NumPy wrap), so the reference is exact arithmetic in Python ints, in rank order: "sum"
+    wraps modulo 2**bits into x's dtype, "average" is the floor of the exact mean (no overflow),
+    "min"/"max" as NumPy.
+    """
+    from mpi4py import MPI
+
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"exact_integer_allreduce: integer dtypes only, got {x.dtype}")
+    parts = [np.asarray(part, dtype=object) for part in MPI.COMM_WORLD.allgather(np.asarray(x))]
+    if op in ("min", "max"):
+        exact = (np.minimum if op == "min" else np.maximum).reduce(parts)
+    elif op in ("sum", "average"):
+        exact = parts[0]
+        for part in parts[1:]:
+            exact = exact + part
+        if op == "average":
+            exact = exact // len(parts)   # the floor of the exact mean: always in range
+        info = np.iinfo(x.dtype)
+        exact = (exact - info.min) % (1 << (8 * x.dtype.itemsize)) + info.min
+    else:
+        raise ValueError(f"exact_integer_allreduce: op {op!r}")
+    return np.asarray(exact, dtype=object).astype(x.dtype).reshape(x.shape)

