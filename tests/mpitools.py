@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,32 @@ def run_mpi(nranks: int, args: list[str], timeout: float = 120) -> subprocess.Co
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env)
+
+
+# What MPI launchers and runtimes add to a job's output, as seen from both wheels:
+# Open MPI frames its notices in lines of dashes ("prterun detected that one or more processes
+# exited with non-zero status", "MPI_ABORT was invoked on rank 1"), tags runtime errors
+# "[host:pid] PMIX ERROR: ...", and may end stderr with a NUL byte. MPICH's Hydra writes
+# "[proxy:0:0@host] ..." and "[mpiexec@host] ..." lines, a "BAD TERMINATION" block (lines
+# starting with "=") followed by three lines of advice, and "Abort(3) on node 1 ..." on MPI_Abort.
+LAUNCHER_FRAME = re.compile(r"-{20,}")
+LAUNCHER_LINE = re.compile(
+    r"(prterun|mpirun|mpiexec|prte)\b|\[proxy:|\[mpiexec@|=|\[[\w.-]+:\d+\] |Abort\(\d+\) on node "
+    r"|YOUR APPLICATION TERMINATED WITH|This typically refers to a problem with your application"
+    r"|Please see the FAQ page for debugging")
+
+
+def program_lines(text: str) -> list[str]:
+    """The program's own non-blank lines in a launched job's stdout or stderr, without the
+    notices the MPI launcher or runtime adds (framed blocks and tagged lines, as above)."""
+    lines, in_frame = [], False
+    for line in text.splitlines():
+        bare = line.strip().strip("\0")
+        if LAUNCHER_FRAME.fullmatch(bare):
+            in_frame = not in_frame
+        elif bare and not in_frame and not LAUNCHER_LINE.match(line):
+            lines.append(line)
+    return lines
 
 
 def assert_everywhere(ok: bool, message: str = "") -> None:
@@ -73,3 +100,31 @@ def ringsync_settings(**env: str) -> Iterator[None]:
                 os.environ[name] = value
         ringsync.shutdown()
         ringsync.init()
+
+
+def exact_integer_allreduce(x: np.ndarray, op: str) -> np.ndarray:
+    """The oracle for integer dtypes, computed with NumPy from every rank's gathered input.
+
+    MPI libraries differ on integer overflow (Open MPI's Allreduce saturates uint16 sums, MPICH
+    and NumPy wrap), so the reference is exact arithmetic in Python ints, in rank order: "sum"
+    wraps modulo 2**bits into x's dtype, "average" is the floor of the exact mean (no overflow),
+    "min"/"max" as NumPy.
+    """
+    from mpi4py import MPI
+
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"exact_integer_allreduce: integer dtypes only, got {x.dtype}")
+    parts = [np.asarray(part, dtype=object) for part in MPI.COMM_WORLD.allgather(np.asarray(x))]
+    if op in ("min", "max"):
+        exact = (np.minimum if op == "min" else np.maximum).reduce(parts)
+    elif op in ("sum", "average"):
+        exact = parts[0]
+        for part in parts[1:]:
+            exact = exact + part
+        if op == "average":
+            exact = exact // len(parts)   # the floor of the exact mean: always in range
+        info = np.iinfo(x.dtype)
+        exact = (exact - info.min) % (1 << (8 * x.dtype.itemsize)) + info.min
+    else:
+        raise ValueError(f"exact_integer_allreduce: op {op!r}")
+    return np.asarray(exact, dtype=object).astype(x.dtype).reshape(x.shape)
