@@ -62,7 +62,7 @@ GPU_EXTRA  ?= gpu
 GPU_RANKS  ?= 1 2
 test-gpu: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[$(GPU_EXTRA)]'
-	$(PY) -c "import sys; from ringsync.buffers import main; sys.exit(main(['--require-gpu']))"
+	$(PY) -c "import sys; from ringsync.transport.gpu import main; sys.exit(main(['--require-gpu']))"
 	RINGSYNC_TEST_MPIEXEC="$(MPIEXEC) $(MPIEXEC_FLAGS)" $(PY) -m pytest tests -q -m "gpu and not mpi" \
 	  -p no:cacheprovider --timeout 600 -rs
 	@set -e; for n in $(GPU_RANKS); do \

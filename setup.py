@@ -21,7 +21,7 @@ setup(
         "plot": ["matplotlib>=3.6"],   # ringsync-report --plot
     },
     entry_points={"console_scripts": [
-        "ringsync-train = ringsync.train:main",
-        "ringsync-report = ringsync.report:main",
+        "ringsync-train = ringsync.training.train:main",
+        "ringsync-report = ringsync.timing.report:main",
     ]},
 )

@@ -126,8 +126,8 @@ def implementations(names: list[str], comm, buf: np.ndarray, gloo: Gloo | None):
     from mpi4py import MPI
 
     import ringsync as rs
+    from ringsync.algorithms.ring import chunk_bounds, ring_allreduce_
     from ringsync.context import world
-    from ringsync.ring import chunk_bounds, ring_allreduce_
 
     w = world()
     found: dict[str, Callable[[], None]] = {}

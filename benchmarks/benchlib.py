@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ringsync.files import atomic_write, atomic_write_text
-from ringsync.train import float_at_least, int_at_least
+from ringsync.training.train import float_at_least, int_at_least
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -224,7 +224,7 @@ def write_results(args: Any, meta: dict[str, Any], rows: Sequence[dict[str, Any]
 
 
 def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) -> dict[str, Any]:
-    """Run `ringsync-train` (as python -m ringsync.train) on `nranks` ranks; return its JSON report.
+    """Run `ringsync-train` (as python -m ringsync.training.train) on `nranks` ranks; return its JSON report.
 
     Raises RuntimeError with the job's last error line if it fails or runs past `timeout`.
     """
@@ -233,7 +233,7 @@ def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) 
 
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.json")
-        cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, "-m", "ringsync.train",
+        cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, "-m", "ringsync.training.train",
                                       *train_args, "--quiet", "--report", report]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -256,7 +256,7 @@ def train_supports(flag: str) -> bool:
     """Whether this ringsync-train has `flag` (features arrive on other branches)."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "ringsync.train", "--help"], capture_output=True, check=False,
+    done = subprocess.run([sys.executable, "-m", "ringsync.training.train", "--help"], capture_output=True, check=False,
                           text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")))

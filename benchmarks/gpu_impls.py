@@ -19,10 +19,10 @@ NAMES = ("staged", "cuda-aware", "mpi")
 
 def setup(comm) -> tuple[object, str]:
     """Select this rank's GPU; return (cupy, a one-line description) or raise GPUUnavailable."""
-    from ringsync import buffers
+    from ringsync.transport import gpu
 
-    buffers.use_gpu()
-    return buffers.import_cupy(), buffers.describe()
+    gpu.use_gpu()
+    return gpu.import_cupy(), gpu.describe()
 
 
 def zeros(cp, count: int, dtype: np.dtype):
@@ -34,25 +34,25 @@ def implementations(names: list[str], comm, buf) -> dict[str, Callable[[], None]
     from mpi4py import MPI
 
     import ringsync as rs
-    from ringsync import buffers
+    from ringsync.transport import gpu
 
-    cp = buffers.import_cupy()
+    cp = gpu.import_cupy()
     stream = cp.cuda.get_current_stream()
-    cuda_aware_mpi = buffers.mpi_cuda_support()[0]
+    cuda_aware_mpi = gpu.mpi_cuda_support()[0]
     found: dict[str, Callable[[], None]] = {}
 
     def through(transport: str) -> Callable[[], None]:
         def call() -> None:
-            buffers.force_transport(transport)
+            gpu.force_transport(transport)
             rs.allreduce_(buf)
             stream.synchronize()
         return call
 
     for name in names:
         if name == "staged":
-            found[name] = through(buffers.STAGED)
+            found[name] = through(gpu.STAGED)
         elif name == "cuda-aware" and cuda_aware_mpi:
-            found[name] = through(buffers.CUDA_AWARE)
+            found[name] = through(gpu.CUDA_AWARE)
         elif name == "mpi" and cuda_aware_mpi:
             def mpi_device() -> None:
                 stream.synchronize()
@@ -78,9 +78,9 @@ def check(fn: Callable[[], None], comm, buf) -> str:
 
     from mpi4py import MPI
 
-    from ringsync import buffers
+    from ringsync.transport import gpu
 
-    cp = buffers.import_cupy()
+    cp = gpu.import_cupy()
     rng = np.random.default_rng([7, comm.Get_rank()])
     data = rng.standard_normal(buf.size) if buf.dtype.kind == "f" else rng.integers(0, 4, buf.size)
     buf[...] = cp.asarray(data.astype(buf.dtype))

@@ -21,8 +21,9 @@ import time
 import benchlib as bl
 
 import ringsync as rs
-from ringsync import timing, train
-from ringsync.inject import parse_jitter
+from ringsync import timing
+from ringsync.timing.inject import parse_jitter
+from ringsync.training import train
 
 
 def run_case(trainer: train.Trainer, batches: list, steps: int, stragglers: dict, jitter: str | None) -> dict:

@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py --ranks 1,2,4 --batch-size 256 --steps 60 --json out.json --plot out.png
 
-Run it directly (not under mpiexec): it launches `mpiexec -n K python -m ringsync.train`
+Run it directly (not under mpiexec): it launches `mpiexec -n K python -m ringsync.training.train`
 for each K, round-robin over K for --rounds rounds (drift hits every K alike), and reads
 samples_per_second from each run's report. Efficiency(K) = rate(K) / (K * rate(1)): 1.0
 is perfect weak scaling. Each rank gets one BLAS thread (OMP_NUM_THREADS=1 unless set).

@@ -3,7 +3,7 @@
     python benchmarks/straggler.py --ranks 4 --slow-rank 2 --max-delay 0.05 --points 5 --plot out.png
 
 Run it directly (not under mpiexec): for each delay d in 0 .. --max-delay it launches
-`mpiexec -n P python -m ringsync.train --straggler RANK:d` (delays round-robin over
+`mpiexec -n P python -m ringsync.training.train --straggler RANK:d` (delays round-robin over
 --rounds rounds) and reads the timing report: step time, each rank's attributed wait,
 and the straggler cost (rank-seconds spent waiting, and the fraction of wall time lost).
 In a synchronous step every other rank should wait about d per step; the plot shows the

@@ -19,7 +19,8 @@ import benchlib as bl
 import numpy as np
 
 import ringsync as rs
-from ringsync import timing, train
+from ringsync import timing
+from ringsync.training import train
 
 
 def component_costs(n: int = 20000) -> tuple[float, float]:

@@ -21,14 +21,14 @@ except rs.GPUUnavailable as exc:
     sys.exit(2)
 import cupy as cp  # only now: we know CuPy works
 
-from ringsync import buffers
+from ringsync.transport import gpu
 
 grads = cp.arange(8, dtype=cp.float32) + rs.rank()    # this rank's "gradient", on its GPU
 mean = rs.allreduce(grads, op=rs.Average)              # a CuPy array, on the same GPU
 expected = np.arange(8, dtype=np.float32) + (rs.size() - 1) / 2
 same = rs.allgather(np.frombuffer(cp.asnumpy(mean).tobytes(), np.uint8)[None, :])
 if rs.rank() == 0:
-    print(f"{rs.size()} rank(s), transport {buffers.transport()}; rank 0 on device {device}")
+    print(f"{rs.size()} rank(s), transport {gpu.transport()}; rank 0 on device {device}")
     print(f"mean = {cp.asnumpy(mean)}")
     print(f"as expected: {'yes' if np.allclose(cp.asnumpy(mean), expected) else 'NO'}; "
           f"bitwise identical on all ranks: {'yes' if (same == same[0]).all() else 'NO'}")

@@ -10,8 +10,8 @@ import numpy as np
 from mpi4py import MPI
 
 import ringsync as rs
+from ringsync.algorithms.ring import chunk_bounds, ring_allreduce_
 from ringsync.context import world
-from ringsync.ring import chunk_bounds, ring_allreduce_
 
 
 def main() -> int:

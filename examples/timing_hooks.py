@@ -11,7 +11,7 @@ import numpy as np
 
 import ringsync as rs
 from ringsync import timing
-from ringsync.straggler import format_report
+from ringsync.timing.straggler import format_report
 
 rs.init()
 grad = np.ones(250_000, dtype=np.float32)     # 1 MB of "gradients"

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 import ringsync as rs
-from ringsync.nn import MLP
+from ringsync.training.nn import MLP
 
 rs.init()                                                   # 1. one process per rank
 

@@ -3,54 +3,46 @@
     import ringsync as rs
     rs.init()
     total = rs.allreduce(np.ones(4), op=rs.Sum)   # every rank gets [p, p, p, p]
+
+Start reading at ringsync/algorithms/ring.py. The layers, top to bottom: training/,
+fusion.py, timing/ (wraps the front doors), collectives.py (the front doors), agreement.py,
+algorithms/, transport/. The public API below is grouped by topic.
 """
-from .agreement import MismatchError
-from .buffers import GPUUnavailable, array_module, use_gpu
-from .collectives import (
-                          allgather,
-                          allreduce,
-                          allreduce_,
-                          allreduce_fused_,
-                          barrier,
-                          broadcast,
-                          broadcast_,
-)
+# The MPI world
 from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
-from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
-from .join import join
+
+# Collectives, their ops, uneven work, and what they raise when ranks disagree
 from .ops import Average, Max, Min, Sum
-from .optim import SGD, DistributedOptimizer, broadcast_parameters
+from .collectives import allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast, broadcast_
+from .join import join
+from .agreement import MismatchError
+
+# Tensor fusion
+from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
+
+# Training
+from .training.optim import SGD, DistributedOptimizer, broadcast_parameters
+
+# GPU buffers
+from .transport.gpu import GPUUnavailable, array_module, use_gpu
+
+# Timing: probes, hooks, the straggler report (ringsync.timing)
+from . import timing
 
 __version__ = "0.1.0"
 
 __all__ = [
-                          "SGD",
-                          "Average",
-                          "DistributedOptimizer",
-                          "FlatBuffer",
-                          "GPUUnavailable",
-                          "Max",
-                          "Min",
-                          "MismatchError",
-                          "Sum",
-                          "allgather",
-                          "allreduce",
-                          "allreduce_",
-                          "allreduce_fused_",
-                          "array_module",
-                          "barrier",
-                          "broadcast",
-                          "broadcast_",
-                          "broadcast_parameters",
-                          "grouped_allreduce",
-                          "grouped_allreduce_",
-                          "init",
-                          "is_initialized",
-                          "join",
-                          "local_rank",
-                          "local_size",
-                          "rank",
-                          "shutdown",
-                          "size",
-                          "use_gpu",
+    # the MPI world
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+    # collectives
+    "allreduce", "allreduce_", "allreduce_fused_", "broadcast", "broadcast_", "allgather",
+    "barrier", "join", "Sum", "Average", "Min", "Max", "MismatchError",
+    # tensor fusion
+    "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
+    # training
+    "SGD", "DistributedOptimizer", "broadcast_parameters",
+    # GPU buffers
+    "use_gpu", "array_module", "GPUUnavailable",
+    # timing
+    "timing",
 ]

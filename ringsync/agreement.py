@@ -48,8 +48,8 @@ import numpy as np
 from mpi4py import MPI
 
 from . import ops
+from .algorithms.ring import ring_allgather_
 from .config import Settings
-from .ring import ring_allgather_
 
 
 class Kind(IntEnum):

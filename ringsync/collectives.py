@@ -1,30 +1,42 @@
 """The front doors: allreduce, broadcast, allgather and barrier on arrays.
 
-Each one checks its arguments, arms the cross-rank agreement check (agreement.py), runs
-the opening (or lets a small all-reduce ride on it), and hands the buffer to a hand-written
-algorithm: the gathered reduce or recursive doubling (small.py), the ring (ring.py,
-ring_fast.py) or the tree (tree.py); CuPy arrays go through buffers.py. Names follow
-Horovod: a trailing underscore means "in place" (the call fills and returns its argument).
+Every call goes down the same four stages, each once:
+
+    check   the arguments (a rank that refuses its own makes the others fail too)
+    agree   arm the cross-rank agreement check and run its opening (agreement.py)
+    plan    pick the algorithm for this size (choose) and its scratch buffers
+    run     the algorithm (algorithms/), over point-to-point messages (transport/)
+
+A small all-reduce rides on the opening itself (algorithms/gathered.py). CuPy arrays take
+the same path, with the device transport (transport/gpu.py). Timing wraps an all-reduce from
+outside through World.probe; nothing here knows about timing. Names follow Horovod: a
+trailing underscore means "in place" (the call fills and returns its argument).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from . import buffers, ops, timing
+from . import ops
 from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
+from .algorithms.doubling import recursive_doubling_allreduce_
+from .algorithms.gathered import reduce_gathered_
+from .algorithms.pipelined import pipelined_ring_allreduce_
+from .algorithms.ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
+from .algorithms.tree import dissemination_barrier, tree_broadcast_
+from .config import Settings
 from .context import world
-from .ring import ring_allgather_, ring_allreduce_
-from .ring_fast import choose, pipelined_ring_allreduce_
-from .small import recursive_doubling_allreduce_, reduce_gathered_
-from .tree import dissemination_barrier, tree_broadcast_
+from .transport import gpu
 
 
 def _as_array(x: object, arg: str) -> np.ndarray:
     """Any array-like as a NumPy array of a supported dtype (no copy when already one).
 
-    A CuPy array stays a CuPy array: buffers.py moves it, and the result stays on its GPU.
+    A CuPy array stays a CuPy array: gpu.py moves it, and the result stays on its GPU.
     """
-    if isinstance(x, np.ndarray) or buffers.is_device_array(x):
+    if isinstance(x, np.ndarray) or gpu.is_device_array(x):
         arr = x
     else:
         try:
@@ -37,7 +49,7 @@ def _as_array(x: object, arg: str) -> np.ndarray:
 
 def check_inplace(x: object, arg: str) -> np.ndarray:
     """An in-place call needs a writeable, C-contiguous NumPy (or CuPy) array it can fill."""
-    if type(x) is not np.ndarray and not isinstance(x, np.ndarray) and not buffers.is_device_array(x):
+    if type(x) is not np.ndarray and not isinstance(x, np.ndarray) and not gpu.is_device_array(x):
         raise TypeError(f"{arg} must be a numpy.ndarray for an in-place call, got {type(x).__name__}")
     if x.dtype not in ops.SUPPORTED:     # (check_dtype says what is wrong)
         ops.check_dtype(x.dtype, arg)
@@ -57,6 +69,22 @@ def refuse(exc: BaseException) -> None:
 
 # --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
 
+def choose(nbytes: int, p: int, settings: Settings) -> str:
+    """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'pipelined' or 'ring'.
+
+    Small buffers: few messages (with the agreement check on, the gathered reduce riding on
+    its opening; else recursive doubling). Otherwise the ring (least traffic),
+    pipelined only when a chunk spans several segments: below that, segments add messages
+    and save nothing, as a one-segment chunk fits in the cache anyway.
+    """
+    if settings.allreduce != "auto":
+        return settings.allreduce
+    if nbytes <= settings.small_bytes:
+        return "doubling"
+    return "pipelined" if nbytes > p * settings.segment_bytes else "ring"
+
+
+
 def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> None:
     """All-reduce the contiguous 1-D buffer `flat` in place; an average divides by `contributors`.
 
@@ -66,8 +94,8 @@ def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributo
     if not _attempt_(flat, op, guard, contributors):
         _, joined = guard.settle()          # raises on every rank, unless ranks have joined
         contributors = world().size - len(joined)
-        if buffers.is_device_array(flat):   # joined ranks take part on the host: so do we
-            host = buffers.array_module(flat).asnumpy(flat)
+        if gpu.is_device_array(flat):   # joined ranks take part on the host: so do we
+            host = gpu.array_module(flat).asnumpy(flat)
             allreduce_flat_(host, op, None, contributors)
             flat.set(host)
         else:
@@ -76,7 +104,7 @@ def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributo
 
 def _attempt_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> bool:
     """One try; False (with `flat` untouched) when the opening found the ranks disagreeing."""
-    if type(flat) is not np.ndarray and buffers.is_device_array(flat):
+    if type(flat) is not np.ndarray and gpu.is_device_array(flat):
         return _attempt_device_(flat, op, guard, contributors)
     if op == ops.Average and flat.dtype.kind in "iu":
         return _integer_average_(flat, guard, contributors)
@@ -141,26 +169,40 @@ def _integer_average_(flat: np.ndarray, guard: Checker | None, contributors: int
     return True
 
 
-def _attempt_device_(flat, op: str, guard: Checker | None, contributors: int) -> bool:
+def _attempt_device_(flat: Any, op: str, guard: Checker | None, contributors: int) -> bool:
     """A CuPy buffer: the opening first (trailer only), then CUDA-aware MPI or pinned staging."""
     if guard is not None:
         guard.agree()
         if guard.bad:
             return False
-    if op == ops.Average and flat.dtype.kind == "f":     # pre-scaled, as on the host
-        buffers.array_module(flat).divide(flat, contributors, out=flat)
-        op = ops.Sum
-    buffers.allreduce_device_(flat, op, contributors)
+    cp, w = gpu.array_module(flat), world()
+    with flat.device:
+        if op == ops.Average and flat.dtype.kind == "f":     # pre-scaled, as on the host
+            cp.divide(flat, contributors, out=flat)
+        dev = gpu.cupy_device(w, cp)
+        reduce = ops.OPS[op]
+        if w.size > 1 and flat.size:
+            if gpu.transport(w) == gpu.CUDA_AWARE:
+                dev.stream.synchronize()   # the user's kernels writing `flat` must be done
+                # ring.py's receive buffer: room for the largest chunk (chunk 0)
+                scratch = dev.scratch("device", chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
+                ring_allreduce_(flat, w.comm, gpu.synced_reduce(getattr(cp, reduce.__name__), dev.stream),
+                                scratch=scratch)
+            else:
+                segment = gpu.staging_segment(flat.itemsize, w.settings.staging_segment)
+                staged_allreduce_(flat, w.comm, reduce, dev, segment)
+        if op == ops.Average and flat.dtype.kind in "iu":   # (on a GPU, integer sums may wrap)
+            cp.floor_divide(flat, contributors, out=flat)
     return True
 
 
-def _checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None,
-                        group: int, layout: int) -> None:
+def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None,
+                       group: int, layout: int) -> None:
     """Arm the agreement check (a tensor of `shape`, or `group` tensors of a fusion bucket
     whose shapes give `layout`), check finiteness if asked, reduce `flat`."""
     w = world()
     guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout, name=name)
-    if w.checker.finite and flat.dtype.kind == "f" and not buffers.array_module(flat).isfinite(flat).all():
+    if w.checker.finite and flat.dtype.kind == "f" and not gpu.array_module(flat).isfinite(flat).all():
         if guard is None:   # a single rank
             raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or "
                                      f"Inf in the input on rank {w.rank}")
@@ -168,18 +210,19 @@ def _checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | Non
     allreduce_flat_(flat, op, guard, w.size)
 
 
-# Timing wraps the armed call from outside: in barrier mode its barrier is a collective of
-# its own, made before this call is armed. Nothing below here knows about timing.
-_timed_allreduce_ = timing.probe(_checked_allreduce_)
-
-
 def reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None = None, *,
             group: int = 1, layout: int = 0) -> None:
-    """The all-reduce every front door ends in (fusion.py's buckets too)."""
-    if timing.idle():       # no step being timed: skip the probe's wrapper (~0.15 us a call)
-        _checked_allreduce_(flat, op, shape, name, group, layout)
+    """The all-reduce every front door ends in (fusion.py's buckets too).
+
+    Inside a timed step, timing (timing/) has set World.probe: it wraps the whole armed call
+    from outside, so in barrier mode its barrier is a collective of its own, made before this
+    call is armed.
+    """
+    probe = world().probe
+    if probe is None:
+        checked_allreduce_(flat, op, shape, name, group, layout)
     else:
-        _timed_allreduce_(flat, op, shape, name, group, layout)
+        probe(checked_allreduce_, (flat, op, shape, name, group, layout))
 
 
 def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
@@ -190,7 +233,7 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
     """
     try:
         op = ops.resolve_op(op)
-        out = buffers.contiguous_copy(_as_array(x, "x"))
+        out = gpu.contiguous_copy(_as_array(x, "x"))
         check_name(name)
     except (TypeError, ValueError) as exc:
         refuse(exc)
@@ -287,7 +330,7 @@ def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
     """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
     try:
         root = _check_root(root)
-        out = buffers.contiguous_copy(_as_array(x, "x"))
+        out = gpu.contiguous_copy(_as_array(x, "x"))
         check_name(name)
     except (TypeError, ValueError) as exc:
         refuse(exc)
@@ -298,11 +341,24 @@ def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
 def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
     _agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root, name=name))
-    if buffers.is_device_array(x):
-        buffers.broadcast_device_(x.reshape(-1), root)   # same tree, same messages
+    if gpu.is_device_array(x):
+        _broadcast_device_(x.reshape(-1), root)   # same tree, same messages
     else:
         tree_broadcast_(x.reshape(-1), w.comm, root)
     return x
+
+
+def _broadcast_device_(flat: Any, root: int) -> None:
+    """broadcast of the contiguous 1-D CuPy array `flat` from `root`, in place."""
+    cp, w = gpu.array_module(flat), world()
+    with flat.device:
+        dev = gpu.cupy_device(w, cp)
+        if w.size > 1 and flat.size:
+            if gpu.transport(w) == gpu.CUDA_AWARE:
+                dev.stream.synchronize()
+                tree_broadcast_(flat, w.comm, root)
+            else:
+                staged_broadcast_(flat, w.comm, root, dev)
 
 
 def allgather(x: object, name: str | None = None) -> np.ndarray:
@@ -312,7 +368,7 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
     dtype must agree, or every rank raises ValueError.
     """
     try:
-        arr = buffers.array_module(x).ascontiguousarray(_as_array(x, "x"))
+        arr = gpu.array_module(x).ascontiguousarray(_as_array(x, "x"))
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim > _MAX_NDIM:
@@ -331,18 +387,24 @@ def allgather_rows(arr: np.ndarray) -> np.ndarray:
     w = world()
     rows = _exchange_layouts(arr)
     firsts = rows[:, 0]
-    xp = buffers.array_module(arr)
-    with buffers.on_device_of(arr):         # the output lives on arr's GPU, not the current one
+    xp = gpu.array_module(arr)
+    with gpu.on_device_of(arr):         # the output lives on arr's GPU, not the current one
         out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
     flat = out.reshape(-1)
     offsets = np.concatenate(([0], np.cumsum(firsts * per_row)))
     blocks = [flat[offsets[i]:offsets[i + 1]] for i in range(w.size)]
     blocks[w.rank][...] = arr.reshape(-1)
-    if xp is np:
+    if xp is np or w.size == 1:
         ring_allgather_(blocks, w.comm, owned=w.rank)
-    else:
-        buffers.allgather_device_(blocks, owned=w.rank)   # same ring, same messages
+    else:                                   # same ring, same messages, from device memory
+        with arr.device:
+            dev = gpu.cupy_device(w, xp)
+            if gpu.transport(w) == gpu.CUDA_AWARE:
+                dev.stream.synchronize()
+                ring_allgather_(blocks, w.comm, owned=w.rank)
+            else:
+                staged_allgather_(blocks, w.comm, w.rank, dev)
     return out
 
 

@@ -1,21 +1,23 @@
 """The MPI world ringsync runs in: init, rank and size, local rank, and abort on a crash.
 
 The World holds what belongs to one communicator: the private duplicate the collectives
-use, scratch buffers, the agreement checker and the stall inspector. Beyond it ringsync
-keeps only caches (plans, fusion buffers) and the timing recorder.
+use, the settings every rank shares, scratch buffers, the agreement checker, the stall
+inspector, the timing probe and the GPU transport. Beyond it ringsync keeps only caches
+(plans, fusion buffers) and the timing recorder.
 """
 from __future__ import annotations
 
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 
 import numpy as np
 from mpi4py import MPI
 
 from . import agreement, config, stall
-from .ring import ring_allgather_
+from .algorithms.ring import ring_allgather_
 
 
 class World:
@@ -43,8 +45,12 @@ class World:
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.checker = agreement.Checker(self.comm, self.settings)
         self.inspector = stall.start(self)
-        # buffers.py keeps its per-device scratch caches and the transport decision here.
-        self.backends: dict[object, object] = {}
+        # Inside a timed step, timing's wrapper for an all-reduce (timing/); else None.
+        self.probe: Callable[[Callable, tuple], object] | None = None
+        # GPU buffers (transport/gpu.py): how they reach MPI, (transport, why), decided once;
+        # and per device index, the reusable device and pinned buffers.
+        self.device_transport: tuple[str, str] | None = None
+        self.device_caches: dict[int, object] = {}
 
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
         """A reusable 1-D buffer of at least `count` elements: no allocation per call."""
@@ -66,7 +72,7 @@ class World:
                 c.Free()
         self._scratch.clear()
         self._views.clear()
-        self.backends.clear()
+        self.device_caches.clear()
 
 
 SETTINGS_BYTES = 2048     # room for every rank's settings text, the same on every rank

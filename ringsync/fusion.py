@@ -32,9 +32,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops, timing
-from .buffers import array_module, is_device_array, on_device_of
 from .collectives import check_inplace, layout_code, reduce_, refuse
 from .context import world
+from .transport.gpu import array_module, is_device_array, on_device_of
 
 
 def fusion_threshold(fusion_bytes: int | None = None) -> int:

@@ -7,7 +7,7 @@ nothing (zeros to a sum, +inf to a min, empty rows to an allgather), until every
 joined; averages divide by the number of ranks that did contribute.
 
 How the joined rank learns what to take part in: its join() call is a collective with its
-own fingerprint (agreement.py), so the others' next call fails the agreement check. On the
+own signature (agreement.py), so the others' next call fails the agreement check. On the
 slow path every rank sees every rank's signature record: the joined ranks read the call
 they must join from it, and everybody redoes that call together. The others' inputs are
 intact (a guarded call writes nothing before the check), so the redo is exact. This costs
@@ -27,6 +27,8 @@ from .agreement import (
     record_call,
     record_shape,
 )
+from .algorithms.tree import tree_broadcast_
+from .collectives import allgather_rows, allreduce_flat_
 from .context import world
 
 
@@ -63,12 +65,6 @@ def _finish(checker: Checker, size: int) -> int:
 
 def _take_part(row: np.ndarray) -> None:
     """Do this rank's share of the call a record describes, contributing nothing."""
-    from .collectives import (  # (collectives imports this module)
-        allgather_rows,
-        allreduce_flat_,
-    )
-    from .tree import tree_broadcast_
-
     call = record_call(row)
     if call.kind == ALLREDUCE:
         # The others redo their call without the check: so does this rank, with nothing to add.

@@ -99,6 +99,7 @@ class Inspector:
             if self.timeout and waited >= self.timeout:
                 report, _ = self._diagnose(calls, waited)
                 self._log(f"aborting the job: {report}")
+                time.sleep(0.25)          # let the launcher forward the diagnosis first
                 MPI.COMM_WORLD.Abort(3)
             if self.warning and not warned and waited >= self.warning:
                 warned = True

@@ -18,8 +18,8 @@ import numpy as np
 from mpi4py import MPI
 
 import ringsync as rs
-from ringsync import buffers
 from ringsync.fusion import FlatBuffer
+from ringsync.transport import gpu
 
 COMM = MPI.COMM_WORLD
 
@@ -41,8 +41,8 @@ def same(got, expected, exact):
 def collectives() -> list[str]:
     bad = []
     rs.use_gpu()
-    for transport in (buffers.STAGED, buffers.CUDA_AWARE):
-        buffers.force_transport(transport)
+    for transport in (gpu.STAGED, gpu.CUDA_AWARE):
+        gpu.force_transport(transport)
         for op in ("sum", "average", "min", "max"):
             for dtype in ("float32", "int64"):
                 for shape in [(0,), (1,), (7,), (3, 333)]:
@@ -54,12 +54,12 @@ def collectives() -> list[str]:
                     if not np.array_equal(cp.asnumpy(gx), x):
                         bad.append(f"{transport} allreduce changed its input")
         with ringsync_settings(RINGSYNC_STAGING_SEGMENT="12"):     # many segments per chunk
-            buffers.force_transport(transport)
+            gpu.force_transport(transport)
             x = rank_data(1001, "float64", 3)
             gx = cp.asarray(x)
             if rs.allreduce_(gx) is not gx or not same(gx, rs.allreduce(x), exact=False):
                 bad.append(f"{transport} allreduce_ in place, small segments")
-        buffers.force_transport(transport)
+        gpu.force_transport(transport)
         for root in range(COMM.size):
             x = rank_data(50, "float32", 4)
             gx = cp.asarray(x)
@@ -95,8 +95,8 @@ def join_check() -> list[str]:
     from ringsync.join import join
     bad = []
     if COMM.rank != 0:
-        for transport in (buffers.STAGED, buffers.CUDA_AWARE):
-            buffers.force_transport(transport)
+        for transport in (gpu.STAGED, gpu.CUDA_AWARE):
+            gpu.force_transport(transport)
             out = rs.allreduce(cp.asarray(np.full(5, float(COMM.rank))), op="average")
             if not same(out, np.full(5, COMM.size / 2.0), exact=True):   # mean of ranks 1..p-1
                 bad.append(f"{transport} allreduce while rank 0 has joined: {cp.asnumpy(out)}")
@@ -110,7 +110,7 @@ def join_check() -> list[str]:
 def main() -> int:
     rs.init()
     if sys.argv[1] == "train":
-        from ringsync.train import main as train
+        from ringsync.training.train import main as train
         return train(sys.argv[2:])
     bad = collectives() + (join_check() if COMM.size > 1 else [])
     everyone = COMM.allgather(bad)

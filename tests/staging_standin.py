@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ringsync.buffers import ScratchCache
+from ringsync.transport.gpu import ScratchCache
 
 
 class HostStandIn:

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from ringsync.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ringsync.files import atomic_write
+from ringsync.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):

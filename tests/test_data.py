@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ringsync.data import (
+from ringsync.training.data import (
     DataError,
     epoch_permutation,
     load_digits_dataset,
@@ -44,7 +44,7 @@ def test_digits_split_is_fixed_and_disjoint():
 def test_digits_read_directly_match_scikit_learns_loader():
     from sklearn.datasets import load_digits
 
-    from ringsync.data import _digits_arrays
+    from ringsync.training.data import _digits_arrays
 
     x, y = _digits_arrays()
     ref = load_digits()

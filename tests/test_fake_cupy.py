@@ -28,7 +28,7 @@ def test_train_device_gpu_glue_matches_cpu_and_resumes(tmp_path):
         assert result.returncode == 0, result.stderr
         return json.loads(path.read_text())
 
-    cpu = report("cpu", ["-m", "ringsync.train", *TRAIN, "--epochs", "2"])
+    cpu = report("cpu", ["-m", "ringsync.training.train", *TRAIN, "--epochs", "2"])
     gpu = report("gpu", [JOB, "train", *TRAIN, "--epochs", "2", "--device", "gpu"])
     ckpt = str(tmp_path / "ckpt.npz")
     report("half", [JOB, "train", *TRAIN, "--epochs", "1", "--device", "gpu", "--save", ckpt])

@@ -10,11 +10,11 @@ import pytest
 from mpi4py import MPI
 from mpitools import assert_everywhere, same_bits_everywhere
 
-from ringsync import buffers
+from ringsync.transport import gpu
 
 COMM = MPI.COMM_WORLD
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
-REASON = buffers.gpu_unavailable_reason()
+REASON = gpu.gpu_unavailable_reason()
 if REASON is not None:   # the same on every rank of one machine, so all ranks skip together
     pytest.skip(f"no GPU: {REASON}", allow_module_level=True)
 
@@ -26,14 +26,14 @@ def cp(rs):
     return cupy
 
 
-@pytest.fixture(params=[buffers.STAGED, buffers.CUDA_AWARE])
+@pytest.fixture(params=[gpu.STAGED, gpu.CUDA_AWARE])
 def transport(request, cp):
     """Run the test once per transport; CUDA-aware only where the MPI library supports it."""
-    if request.param == buffers.CUDA_AWARE and not buffers.mpi_cuda_support()[0]:
-        pytest.skip(f"this MPI is not CUDA-aware ({buffers.mpi_cuda_support()[1]})")
-    buffers.force_transport(request.param)
+    if request.param == gpu.CUDA_AWARE and not gpu.mpi_cuda_support()[0]:
+        pytest.skip(f"this MPI is not CUDA-aware ({gpu.mpi_cuda_support()[1]})")
+    gpu.force_transport(request.param)
     yield request.param
-    buffers.force_transport(None)
+    gpu.force_transport(None)
 
 
 def rank_data(shape, dtype, seed):
@@ -112,7 +112,7 @@ def test_allgather_on_gpu(rs, cp, transport):
 def test_device_choice_follows_the_local_rank(rs, cp):
     expected = rs.local_rank() % cp.cuda.runtime.getDeviceCount()
     assert_everywhere(cp.cuda.Device().id == expected, "use_gpu picked an unexpected device")
-    assert_everywhere(buffers.describe().startswith("GPU: CuPy"), buffers.describe())
+    assert_everywhere(gpu.describe().startswith("GPU: CuPy"), gpu.describe())
 
 
 def test_fusion_on_gpu(rs, cp):

@@ -9,10 +9,10 @@ import json
 import pytest
 from mpitools import program_lines, run_mpi
 
-from ringsync import buffers
+from ringsync.transport import gpu
 
-REASON = buffers.gpu_unavailable_reason()
-TRAIN = ["-m", "ringsync.train", "--dataset", "synthetic", "--samples", "512", "--features", "16",
+REASON = gpu.gpu_unavailable_reason()
+TRAIN = ["-m", "ringsync.training.train", "--dataset", "synthetic", "--samples", "512", "--features", "16",
          "--hidden", "32", "--epochs", "2", "--batch-size", "16", "--quiet"]
 SWEEP = ["benchmarks/allreduce_sweep.py", "--device", "gpu", "-b", "4K", "-e", "1M", "-f", "16",
          "-n", "3", "-r", "2", "-w", "1"]

@@ -17,10 +17,11 @@ from mpitools import (
 )
 
 from ringsync import ops
+from ringsync.algorithms.doubling import recursive_doubling_allreduce_
+from ringsync.algorithms.pipelined import pipelined_ring_allreduce_, ring_plan
+from ringsync.algorithms.ring import ring_allreduce_
+from ringsync.collectives import choose
 from ringsync.config import Settings
-from ringsync.ring import ring_allreduce_
-from ringsync.ring_fast import choose, pipelined_ring_allreduce_, ring_plan
-from ringsync.small import recursive_doubling_allreduce_
 
 COMM = MPI.COMM_WORLD
 LENGTHS = [1, 2, 3, 5, 7, 13, 100, 1001]

@@ -4,7 +4,7 @@ import pytest
 from mpi4py import MPI
 from mpitools import assert_everywhere, same_bits_everywhere
 
-from ringsync.nn import MLP
+from ringsync.training.nn import MLP
 
 COMM = MPI.COMM_WORLD
 

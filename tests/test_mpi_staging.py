@@ -11,8 +11,8 @@ from mpi4py import MPI
 from mpitools import assert_everywhere, same_bits_everywhere
 from staging_standin import ForgetfulStandIn, HostStandIn
 
-from ringsync.buffers import staged_allgather_, staged_allreduce_, staged_broadcast_
-from ringsync.ring import ring_allgather_, ring_allreduce_
+from ringsync.algorithms.ring import ring_allgather_, ring_allreduce_
+from ringsync.algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
 
 COMM = MPI.COMM_WORLD
 

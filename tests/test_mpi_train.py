@@ -7,8 +7,8 @@ import pytest
 from mpi4py import MPI
 from mpitools import assert_everywhere
 
-from ringsync.data import load_digits_dataset
-from ringsync.train import (
+from ringsync.training.data import load_digits_dataset
+from ringsync.training.train import (
     Trainer,
     gather_rank_records,
     params_identical,

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from ringsync.fusion import contiguous_span
-from ringsync.nn import MLP, Params, softmax_cross_entropy
-from ringsync.optim import SGD
+from ringsync.training.nn import MLP, Params, softmax_cross_entropy
+from ringsync.training.optim import SGD
 
 
 def batch(n=6, features=5, classes=4, seed=1):

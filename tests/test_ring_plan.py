@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ringsync import ops
-from ringsync.ring import chunk_bounds
+from ringsync.algorithms.ring import chunk_bounds
 
 
 @given(n=st.integers(0, 10_000), p=st.integers(1, 64))

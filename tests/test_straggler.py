@@ -12,7 +12,7 @@ def straggler_run(request, tmp_path_factory):
     """One 4-rank run per timing mode with rank 2 sleeping 50 ms per step; report and timeline."""
     folder = tmp_path_factory.mktemp("straggler")
     report, trace = folder / "report.json", folder / "trace.json"
-    result = run_mpi(4, ["-m", "ringsync.train", "--quiet", "--max-steps", str(STEPS),
+    result = run_mpi(4, ["-m", "ringsync.training.train", "--quiet", "--max-steps", str(STEPS),
                          "--straggler", f"2:{DELAY}", "--timing", request.param,
                          "--report", str(report), "--timeline", str(trace)], timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -45,7 +45,7 @@ def test_the_timeline_loads_with_one_track_per_rank(straggler_run):
 
 @pytest.mark.parametrize("flag", [["--straggler", "banana"], ["--straggler", "9:0.1"], ["--jitter", "exp"]])
 def test_bad_injection_flags_exit_2_with_one_line(flag):
-    result = run_mpi(2, ["-m", "ringsync.train", "--quiet", "--max-steps", "1", *flag], timeout=60)
+    result = run_mpi(2, ["-m", "ringsync.training.train", "--quiet", "--max-steps", "1", *flag], timeout=60)
     assert result.returncode == 2
     lines = program_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("ringsync-train: error:"), result.stderr

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from ringsync import inject, straggler, timeline
-from ringsync.report import main as report_main
+from ringsync.timing import inject, straggler, timeline
+from ringsync.timing.report import main as report_main
 
 
 def synthetic(p=4, steps=10, slow=2, delay=0.05, mode="barrier"):

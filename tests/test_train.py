@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mpitools import ROOT, run_mpi
 
-TRAIN = ["-m", "ringsync.train", "--quiet"]
+TRAIN = ["-m", "ringsync.training.train", "--quiet"]
 
 
 def train(nranks, tmp_path, tag, *flags, timeout=120):
@@ -51,7 +51,7 @@ def test_p_ranks_with_batch_b_equal_one_rank_with_batch_pb(tmp_path):
 
 def test_default_digits_run_on_4_ranks_learns_and_stays_identical(tmp_path):
     report_path = tmp_path / "r.json"
-    result = run_mpi(4, ["-m", "ringsync.train", "--report", str(report_path)], timeout=240)
+    result = run_mpi(4, ["-m", "ringsync.training.train", "--report", str(report_path)], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["test_accuracy"] >= 0.95, report["test_accuracy"]
@@ -86,7 +86,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "ringsync.train", "--quiet", *args], cwd=ROOT, check=False,
+    return subprocess.run([sys.executable, "-m", "ringsync.training.train", "--quiet", *args], cwd=ROOT, check=False,
                           capture_output=True, text=True, timeout=timeout)
 
 

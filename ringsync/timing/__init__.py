@@ -40,8 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from . import config
-from .context import world
+from .. import config
+from ..collectives import allgather, barrier
+from ..context import world
+from . import timeline
 from .inject import Delays, parse_jitter, parse_straggler
 from .straggler import split_steps, straggler_report
 
@@ -82,20 +84,19 @@ class Recorder:
         self.barrier_s = self.collective_s = 0.0
         self.synced = False
 
-    def collective(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    def collective(self, fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
         t0 = now()
         if not self.synced:                    # the step's first collective: its sync point
             self.synced = True
             if self.mode == "barrier":
                 # ringsync's own barrier, guarded like every collective: a rank that is in
                 # another call (or has joined) meets it with an error, not a hang.
-                from .collectives import barrier  # (collectives imports this module)
                 barrier()
                 t1 = now()
                 self.barrier_s = t1 - t0
                 self._span("barrier", t0, t1)
                 t0 = t1
-        out = fn(*args, **kwargs)
+        out = fn(*args, **(kwargs or {}))
         t1 = now()
         self.collective_s += t1 - t0
         self._span("allreduce", t0, t1)
@@ -124,7 +125,6 @@ class Recorder:
 
     def gather(self) -> None:
         """Share the pending rows among ranks (ringsync's allgather), then call gathered hooks."""
-        from .collectives import allgather  # late: collectives imports this module
         w = world()
         mine = np.array(self.pending, dtype=np.float64).reshape(-1, 3)
         counts = allgather(np.array([len(mine)], dtype=np.int64))
@@ -173,7 +173,6 @@ def start(mode: str | None = None, *, every: int | None = None, timeline: str | 
     ('exp:0.005') add sleeps to every step's compute, for experiments. A bad setting on any
     rank, or ranks that disagree, raise ValueError on every rank (never a hang later)."""
     global _rec, _delays
-    from .collectives import allgather  # late: collectives imports this module
     w = world()
     error = None
     try:
@@ -245,9 +244,12 @@ def start_from_args(args: argparse.Namespace, fail: Callable[[str], Any]) -> Non
 
 
 def begin_step() -> None:
-    """Mark the start of a training step (then sleep any injected delay, counted as compute)."""
+    """Mark the start of a training step (then sleep any injected delay, counted as compute).
+
+    Until end_step(), the World's probe routes every all-reduce through the recorder."""
     if _rec is not None:
         _rec.begin_step()
+        world().probe = _rec.collective
     if _delays is not None:
         _delays()
 
@@ -255,6 +257,7 @@ def begin_step() -> None:
 def end_step() -> None:
     """Mark the end of a training step; every `every` steps the ranks exchange their records."""
     if _rec is not None:
+        world().probe = None
         _rec.end_step()
 
 
@@ -279,12 +282,6 @@ class span:
 
     def __exit__(self, *exc: object) -> None:
         mark(self.name, self.t0)
-
-
-def idle() -> bool:
-    """True when no step is being timed: a probed collective may then skip its probe."""
-    rec = _rec
-    return rec is None or rec.start_t is None
 
 
 def probe(fn: Callable) -> Callable:
@@ -325,10 +322,10 @@ def finish() -> dict[str, Any] | None:
     rec, _rec, _delays = _rec, None, None
     if rec is None:
         return None
+    world().probe = None      # (a step left open by an exception)
     rec.gather()
     table = rec.table()
     report = straggler_report(table[..., 0], table[..., 1], table[..., 2], rec.mode)
     if rec.timeline:
-        from . import timeline
         timeline.write_merged(rec.timeline, rec.spans, report["straggler"])
     return report

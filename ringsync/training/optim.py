@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import ops
-from .collectives import broadcast_
-from .fusion import grouped_allreduce_
+from .. import ops
+from ..collectives import broadcast_
+from ..fusion import grouped_allreduce_
 from .nn import Params
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write
+from ..files import atomic_write
 
 FORMAT = "ringsync-checkpoint-1"
 OPTIM_PREFIX = "optimizer/"

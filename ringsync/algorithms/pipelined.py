@@ -1,4 +1,4 @@
-"""The ring of ring.py, pipelined for large buffers, and which all-reduce runs at which size.
+"""The ring of ring.py, pipelined for large buffers.
 
 Same algorithm, same result bits as ring.py (read that first). Three changes pay for large
 buffers:
@@ -23,8 +23,8 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from .config import Settings
-from .ring import BYTE, chunk_bounds, ring_allgather_
+from ..transport.p2p import BYTE
+from .ring import chunk_bounds, ring_allgather_
 
 
 @lru_cache(maxsize=256)
@@ -76,19 +76,3 @@ def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
 
     ring_allgather_([buf[s] for s in chunk_slices], comm, owned=(r + 1) % p)
     return buf
-
-
-# --- which algorithm for which size -----------------------------------------------------------
-
-def choose(nbytes: int, p: int, settings: Settings) -> str:
-    """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'pipelined' or 'ring'.
-
-    Small buffers: recursive doubling (fewest messages). Otherwise the ring (least traffic),
-    pipelined only when a chunk spans several segments: below that, segments add messages
-    and save nothing, as a one-segment chunk fits in the cache anyway.
-    """
-    if settings.allreduce != "auto":
-        return settings.allreduce
-    if nbytes <= settings.small_bytes:
-        return "doubling"
-    return "pipelined" if nbytes > p * settings.segment_bytes else "ring"

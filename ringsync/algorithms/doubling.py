@@ -1,12 +1,6 @@
-"""Small all-reduces: the gathered reduce (riding on the agreement check), and recursive doubling.
-
-With the agreement check on (the default), a small buffer rides on the check's opening
-(agreement.py), an all-gather of every rank's block in ceil(log2 p) rounds: afterwards each
-rank holds all p buffers, and reduce_gathered_ reduces them in rank order. Every rank runs
-the same additions in the same order, so all get the same bits, and no message is sent
-beyond the opening's. It sends (p-1)n per rank, which is why it is for small buffers only.
-
-Without the check, recursive doubling, in ceil(log2 p) rounds (+2 when p is odd-sized):
+"""Recursive doubling: the all-reduce for small buffers when the agreement check is off, in
+ceil(log2 p) rounds (+2 when p is not a power of two). (With the check on, small buffers ride
+on the check's own messages instead: gathered.py.)
 
 The ring sends 2(p-1) messages; for a few kilobytes each message costs its latency, not its
 bytes, so fewer, larger messages win. Recursive doubling: in round k rank r swaps its whole
@@ -29,21 +23,7 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from .ring import BYTE
-
-
-def reduce_gathered_(buf: np.ndarray, slots: list[np.ndarray], reduce: np.ufunc, r: int) -> np.ndarray:
-    """buf = slot of rank 0 (op) rank 1 (op) ... (op) rank p-1, where slots[i] holds rank r+i's data.
-
-    The operand order is fixed (lower rank first), so every rank computes the same bits,
-    even for min/max of +0 and -0 or of two NaNs.
-    """
-    p = len(slots)
-    first, second = slots[-r % p], slots[(1 - r) % p]
-    reduce(first, second, out=buf)
-    for q in range(2, p):
-        reduce(buf, slots[(q - r) % p], out=buf)
-    return buf
+from ..transport.p2p import BYTE
 
 
 @lru_cache(maxsize=256)

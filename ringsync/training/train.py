@@ -27,7 +27,10 @@ import numpy as np
 
 import ringsync as rs
 
-from . import buffers, timing
+from .. import timing
+from ..files import atomic_write_text
+from ..timing.straggler import format_report, merge_report
+from ..transport import gpu
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (
     DataError,
@@ -39,10 +42,8 @@ from .data import (
     steps_per_epoch,
     synthetic_dataset,
 )
-from .files import atomic_write_text
 from .nn import MLP
 from .optim import SGD, DistributedOptimizer, broadcast_parameters
-from .straggler import format_report, merge_report
 
 PROG = "ringsync-train"
 DEFAULT_EPOCHS = 20
@@ -365,7 +366,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     args = parse_args(argv)
     rs.init()
     if args.device == "gpu":                       # CuPy as xp; exit 2 on all ranks if any lacks a GPU
-        xp, error = buffers.gpu_module_or_reason()
+        xp, error = gpu.gpu_module_or_reason()
         _agree(error and f"--device gpu: {error}")
     data, error = None, None
     try:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from .files import atomic_write
+from ..files import atomic_write
 from .straggler import format_report
 
 PHASES = (("compute_s", "compute", "tab:blue"), ("wait_s", "wait", "tab:red"),

@@ -32,12 +32,12 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
+# Messages travel as raw bytes ([array, BYTE]): MPI only moves them (transport/p2p.py).
+from ..transport.p2p import BYTE
+
 # Optional callback for teaching tools: observe(phase, step) after every step.
 Observer = Callable[[str, int], None]
 
-# Messages travel as raw bytes ([array, MPI.BYTE]): ringsync never asks MPI to reduce, so MPI
-# needs no datatype for float16 (not every MPI library has one) or any other dtype.
-BYTE = MPI.BYTE
 
 
 def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:

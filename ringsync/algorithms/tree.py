@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from .ring import BYTE
+from ..transport.p2p import BYTE
 
 _EMPTY = np.empty(0, dtype=np.uint8)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .fusion import FlatBuffer, FlatViews
+from ..fusion import FlatBuffer, FlatViews
 
 
 class Params:

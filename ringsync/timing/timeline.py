@@ -14,13 +14,15 @@ and writes the merged file atomically. The waits themselves never depend on this
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from .context import world
-from .files import atomic_write_text
+from ..collectives import allgather
+from ..context import world
+from ..files import atomic_write_text
 
 Span = tuple[str, float, float, int]     # (name, start, end, step), seconds on the local clock
 _TAG = 4242                              # a tag of its own on ringsync's private communicator
@@ -28,7 +30,7 @@ _TAG = 4242                              # a tag of its own on ringsync's privat
 
 def clock_offsets(comm: MPI.Comm, rounds: int = 10) -> np.ndarray | None:
     """On rank 0, every rank's clock minus rank 0's clock, in seconds; None on the others."""
-    from .timing import now
+    now = time.perf_counter
     p, r = comm.Get_size(), comm.Get_rank()
     buf = np.zeros(1)
     if r != 0:
@@ -108,9 +110,6 @@ def write_json_atomically(path: str, obj: Any) -> None:
 
 def write_merged(path: str, spans: list[Span], straggler: dict[str, Any]) -> None:
     """Collective: merge every rank's spans on rank 0 and write the trace to `path` there."""
-    from .collectives import (
-        allgather,  # late: collectives imports timing, which imports us
-    )
     w = world()
     waits = straggler["wait_per_step_s"][w.rank]
     payload = np.frombuffer(json.dumps(step_spans(spans, waits)).encode(), dtype=np.uint8)

@@ -1,6 +1,6 @@
 """Array backends: NumPy on the host, CuPy on a GPU, and the two ways device buffers reach MPI.
 
-The ring in ring.py only slices arrays, calls a `reduce` ufunc and hands views to Sendrecv,
+The ring in algorithms/ring.py only slices arrays, calls a `reduce` ufunc and hands views to Sendrecv,
 so it runs unchanged on CuPy arrays. What differs on a GPU is how bytes get from device
 memory onto the network. There are two transports:
 
@@ -16,7 +16,7 @@ memory onto the network. There are two transports:
   A chunk is sent in segments, so the copy of segment i+1 overlaps the send of segment i and
   the GPU reduces segment i while segment i+1 is still on the wire.
 
-The staged code is written against a small interface, `Stager` (async copies, a device
+The staged ring (algorithms/staged.py) is written against a small interface, `Stager` (async copies, a device
 reduction, events). `CupyDevice` implements it on a real GPU; the tests also run it with a
 NumPy stand-in that queues work like a CUDA stream, so the staging bookkeeping is checked on
 any CPU. That is logic coverage only: it says nothing about the GPU code paths.
@@ -37,10 +37,8 @@ from typing import Any, Protocol
 import numpy as np
 from mpi4py import MPI
 
-from . import config, ops
-from .context import World, local_rank, world
-from .ring import BYTE, chunk_bounds, ring_allgather_, ring_allreduce_
-from .tree import tree_broadcast_
+from .. import config
+from ..context import World, local_rank, world
 
 CUDA_AWARE = "cuda-aware"
 STAGED = "staged"
@@ -232,127 +230,18 @@ class CupyDevice:
         event.synchronize()
 
 
-def _cupy_device(w: World, cp: Any) -> CupyDevice:
+def cupy_device(w: World, cp: Any) -> CupyDevice:
     """The CupyDevice for the current device, with its buffers cached on the World."""
     index = cp.cuda.Device().id
-    cache = w.backends.get(("cupy", index))
+    cache = w.device_caches.get(index)
     if cache is None:
         cache = ScratchCache({
             "device": lambda n, dt: cp.empty(n, dtype=dt),
             "pinned": lambda n, dt: _pinned_empty(cp, n, dt),
             "inbox": lambda n, dt: _pinned_empty(cp, n, dt),
         })
-        w.backends[("cupy", index)] = cache
+        w.device_caches[index] = cache
     return CupyDevice(cp, cache)
-
-
-# --- the staged transport --------------------------------------------------------------------
-
-def segments(n: int, size: int) -> list[tuple[int, int]]:
-    """Cut n elements into consecutive (start, stop) pieces of at most `size` (none when n is 0)."""
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-
-def staged_allreduce_(buf: Any, comm: MPI.Comm, reduce: np.ufunc, dev: Stager,
-                      segment: int) -> None:
-    """The ring all-reduce of the device buffer `buf`, in place, for an MPI that only reads host
-    memory: reduce-scatter with the reduction on the device, then the all-gather on the host.
-
-    Same chunks, same order of reduction as ring_allreduce_, hence the same bits.
-    """
-    p, r = comm.Get_size(), comm.Get_rank()
-    if p == 1 or buf.size == 0:
-        return
-    right, left = (r + 1) % p, (r - 1) % p
-    bounds = chunk_bounds(buf.size, p)
-    chunks = [buf[a:b] for a, b in bounds]
-    host = dev.scratch("pinned", buf.size, buf.dtype)      # pinned mirror of buf
-    hchunks = [host[a:b] for a, b in bounds]
-    inbox = dev.scratch("inbox", bounds[0][1], buf.dtype)   # pinned: arriving chunk lands here
-    landed = dev.scratch("device", bounds[0][1], buf.dtype)  # ...then here, on the device
-
-    # Phase 1: reduce-scatter, as in ring.py, one staged exchange per step.
-    inbox_free = dev.record()
-    for step in range(p - 1):
-        out_i, in_i = (r - step) % p, (r - step - 1) % p
-        inbox_free = _staged_step(chunks[out_i], hchunks[out_i], chunks[in_i], inbox, landed,
-                                  inbox_free, comm, right, left, reduce, dev, segment)
-
-    # Phase 2: all-gather. Nothing is reduced any more, so it runs on the pinned mirror; each
-    # finished chunk is copied back to the device as soon as it arrives, overlapping the
-    # copy with the next step's exchange.
-    owned = (r + 1) % p
-    dev.to_host(chunks[owned], hchunks[owned])
-    dev.wait(dev.record())
-
-    def land(phase: str, step: int) -> None:
-        arrived = (owned - step - 1) % p
-        dev.to_device(hchunks[arrived], chunks[arrived])
-
-    ring_allgather_(hchunks, comm, owned=owned, observe=land)
-    dev.wait(dev.record())   # all copies done: buf is complete and the pinned buffers are free
-
-
-def _staged_step(out_dev: Any, out_host: np.ndarray, in_dev: Any, inbox: np.ndarray,
-                 landed: Any, inbox_free: Any, comm: MPI.Comm, right: int, left: int,
-                 reduce: np.ufunc, dev: Stager, segment: int) -> Any:
-    """One reduce-scatter step: send out_dev to the right, fold what comes from the left into
-    in_dev, segment by segment. `inbox` may be written once `inbox_free` is reached; returns
-    the event after which it may be written again."""
-    sends, recvs = segments(out_dev.size, segment), segments(in_dev.size, segment)
-    # Queue every device -> host copy at once, each followed by an event saying "ready".
-    ready = []
-    for a, b in sends:
-        dev.to_host(out_dev[a:b], out_host[a:b])
-        ready.append(dev.record())
-    # Post the receives (before any send, so no rank waits on another to post them) once the
-    # last step's inbox -> device copies are done; one tag is enough because MPI keeps the
-    # messages between two ranks on one tag in order.
-    dev.wait(inbox_free)
-    incoming = [comm.Irecv([inbox[a:b], BYTE], source=left) for a, b in recvs]
-    # Send each segment as soon as its copy has landed in pinned memory.
-    outgoing = []
-    for (a, b), event in zip(sends, ready):
-        dev.wait(event)
-        outgoing.append(comm.Isend([out_host[a:b], BYTE], dest=right))
-    # As each segment arrives, queue its copy to the device and its reduction there; the host
-    # goes straight back to waiting for the next segment while the GPU works.
-    for (a, b), request in zip(recvs, incoming):
-        request.Wait()
-        dev.to_device(inbox[a:b], landed[a:b])
-        dev.reduce(reduce, in_dev[a:b], landed[a:b])
-    MPI.Request.Waitall(outgoing)
-    return dev.record()
-
-
-def staged_broadcast_(buf: Any, comm: MPI.Comm, root: int, dev: Stager) -> None:
-    """Broadcast the device buffer `buf` from `root` via a pinned host copy and the tree."""
-    host = dev.scratch("pinned", buf.size, buf.dtype)
-    if comm.Get_rank() == root:
-        dev.to_host(buf, host)
-        dev.wait(dev.record())
-    tree_broadcast_(host, comm, root)
-    if comm.Get_rank() != root:
-        dev.to_device(host, buf)
-        dev.wait(dev.record())
-
-
-def staged_allgather_(blocks: list[Any], comm: MPI.Comm, owned: int, dev: Stager) -> None:
-    """ring_allgather_ for consecutive device views `blocks` of one buffer, staged through
-    a pinned mirror; each block is copied to the device as soon as it arrives."""
-    sizes = [b.size for b in blocks]
-    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(int)
-    host = dev.scratch("pinned", int(offsets[-1]), blocks[0].dtype)
-    hblocks = [host[offsets[i]:offsets[i + 1]] for i in range(len(blocks))]
-    dev.to_host(blocks[owned], hblocks[owned])
-    dev.wait(dev.record())
-
-    def land(phase: str, step: int) -> None:
-        arrived = (owned - step - 1) % len(blocks)
-        dev.to_device(hblocks[arrived], blocks[arrived])
-
-    ring_allgather_(hblocks, comm, owned=owned, observe=land)
-    dev.wait(dev.record())
 
 
 # --- which transport -------------------------------------------------------------------------
@@ -407,9 +296,9 @@ def transport(w: World | None = None) -> str:
     the CUDA-aware one in one message. One MPI installation answers `auto` alike on every
     rank; with a mix of installations, set RINGSYNC_CUDA_AWARE explicitly everywhere."""
     w = w or world()
-    if "transport" not in w.backends:
-        w.backends["transport"] = decide_transport(w.settings.cuda_aware, mpi_cuda_support)
-    return w.backends["transport"][0]
+    if w.device_transport is None:
+        w.device_transport = decide_transport(w.settings.cuda_aware, mpi_cuda_support)
+    return w.device_transport[0]
 
 
 def force_transport(name: str | None, w: World | None = None) -> None:
@@ -417,9 +306,9 @@ def force_transport(name: str | None, w: World | None = None) -> None:
     For tests and benchmarks that compare the two; users set RINGSYNC_CUDA_AWARE instead."""
     w = w or world()
     if name is None:
-        w.backends.pop("transport", None)
+        w.device_transport = None
     elif name in (CUDA_AWARE, STAGED):
-        w.backends["transport"] = (name, "forced")
+        w.device_transport = (name, "forced")
     else:
         raise ValueError(f"name must be {CUDA_AWARE!r}, {STAGED!r} or None, got {name!r}")
 
@@ -429,63 +318,13 @@ def staging_segment(itemsize: int, segment_bytes: int) -> int:
     return max(1, segment_bytes // itemsize)
 
 
-# --- the device front doors collectives.py calls ---------------------------------------------
-
-def _synced(ufunc: Any, stream: Any) -> Callable[..., None]:
+def synced_reduce(ufunc: Any, stream: Any) -> Callable[..., None]:
     """A reduce for the CUDA-aware ring: the kernel, then wait for it, because the next
     Sendrecv hands the result to MPI, which does not follow CUDA streams."""
     def reduce(a: Any, b: Any, out: Any) -> None:
         ufunc(a, b, out=out)
         stream.synchronize()
     return reduce
-
-
-def allreduce_device_(flat: Any, op: str, contributors: int = 0) -> None:
-    """allreduce of the contiguous 1-D CuPy array `flat`, in place, by either transport.
-    An average divides by `contributors` (default: every rank)."""
-    cp, w = array_module(flat), world()
-    with flat.device:
-        dev = _cupy_device(w, cp)
-        if w.size > 1 and flat.size:
-            if transport(w) == CUDA_AWARE:
-                dev.stream.synchronize()   # the user's kernels writing `flat` must be done
-                # ring.py's receive buffer: room for the largest chunk (chunk 0)
-                scratch = dev.scratch("device", chunk_bounds(flat.size, w.size)[0][1], flat.dtype)
-                ring_allreduce_(flat, w.comm, _synced(getattr(cp, ops.OPS[op].__name__), dev.stream),
-                                scratch=scratch)
-            else:
-                segment = staging_segment(flat.itemsize, w.settings.staging_segment)
-                staged_allreduce_(flat, w.comm, ops.OPS[op], dev, segment)
-        if op == ops.Average:
-            divide = cp.floor_divide if flat.dtype.kind in "iu" else cp.divide
-            divide(flat, contributors or w.size, out=flat)
-
-
-def broadcast_device_(flat: Any, root: int) -> None:
-    """broadcast of the contiguous 1-D CuPy array `flat` from `root`, in place."""
-    cp, w = array_module(flat), world()
-    with flat.device:
-        dev = _cupy_device(w, cp)
-        if w.size > 1 and flat.size:
-            if transport(w) == CUDA_AWARE:
-                dev.stream.synchronize()
-                tree_broadcast_(flat, w.comm, root)
-            else:
-                staged_broadcast_(flat, w.comm, root, dev)
-
-
-def allgather_device_(blocks: list[Any], owned: int) -> None:
-    """ring_allgather_ on consecutive CuPy views `blocks` of one buffer; this rank fills `owned`."""
-    cp, w = array_module(blocks[0]), world()
-    if w.size == 1:
-        return
-    with blocks[0].device:
-        dev = _cupy_device(w, cp)
-        if transport(w) == CUDA_AWARE:
-            dev.stream.synchronize()
-            ring_allgather_(blocks, w.comm, owned=owned)
-        else:
-            staged_allgather_(blocks, w.comm, owned, dev)
 
 
 def describe() -> str:
@@ -499,13 +338,13 @@ def describe() -> str:
     name = cp.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)   # bytes in older CuPy
     transport(w)
-    how, why = w.backends["transport"]
+    how, why = w.device_transport
     return f"GPU: CuPy {cp.__version__}, rank {w.rank} -> device {index} ({name}); transport {how} ({why})"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print describe() on rank 0; with --require-gpu, return 2 when no GPU is usable."""
-    from .context import init
+    from ..context import init
     init()
     line = describe()
     if world().rank == 0:
