@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ringsync.cli import OneLineParser
 from ringsync.files import atomic_write, atomic_write_text
 from ringsync.training.train import float_at_least, int_at_least
 
@@ -36,11 +37,8 @@ class CliError(Exception):
     """Bad command-line input: the script prints one line and exits 2."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(f"{self.prog}: error: {message}")
+# argparse, but a usage error is one line on stderr and exit status 2 (no usage dump).
+Parser = OneLineParser
 
 
 def fail(message: str, rank: int | None = None) -> None:

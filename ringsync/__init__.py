@@ -9,7 +9,8 @@ fusion.py, timing/ (wraps the front doors), collectives.py (the front doors), ag
 algorithms/, transport/. The public API below is grouped by topic.
 """
 # The MPI world
-from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
+from .context import is_initialized, local_rank, local_size, rank, size
+from .startup import init, shutdown
 
 # Collectives, their ops, uneven work, and what they raise when ranks disagree
 from .ops import Average, Max, Min, Sum

@@ -61,10 +61,26 @@ def check_inplace(x: object, arg: str) -> np.ndarray:
     return x
 
 
-def refuse(exc: BaseException) -> None:
-    """This rank's arguments are wrong: make the other ranks' matching call fail too (they
-    would otherwise wait for this rank forever); the caller then raises `exc`."""
-    world().checker.refuse(exc)
+class ArgumentsChecked:
+    """`with arguments_checked:` around a call's argument checks. If they fail (ValueError,
+    TypeError), the other ranks' matching call is made to fail too (they would otherwise wait
+    for this rank forever: agreement.py), and the error goes on up. One shared instance: a
+    class with __enter__/__exit__ costs far less per call than a generator-based manager."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if kind is not None and issubclass(kind, (TypeError, ValueError)):
+            checker = world().checker
+            if checker is not None:
+                checker.refuse(exc)
+        return False
+
+
+arguments_checked = ArgumentsChecked()
 
 
 # --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
@@ -91,7 +107,7 @@ def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributo
     With a guard, a call the ranks disagree on raises on every rank (agreement.py), or, when
     the only difference is that ranks have joined (join.py), is redone without them.
     """
-    if not _attempt_(flat, op, guard, contributors):
+    if not _attempt(flat, op, guard, contributors):
         _, joined = guard.settle()          # raises on every rank, unless ranks have joined
         contributors = world().size - len(joined)
         if gpu.is_device_array(flat):   # joined ranks take part on the host: so do we
@@ -102,12 +118,12 @@ def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributo
             allreduce_flat_(flat, op, None, contributors)
 
 
-def _attempt_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> bool:
+def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> bool:
     """One try; False (with `flat` untouched) when the opening found the ranks disagreeing."""
     if type(flat) is not np.ndarray and gpu.is_device_array(flat):
-        return _attempt_device_(flat, op, guard, contributors)
+        return _attempt_device(flat, op, guard, contributors)
     if op == ops.Average and flat.dtype.kind in "iu":
-        return _integer_average_(flat, guard, contributors)
+        return _integer_average(flat, guard, contributors)
     w = world()
     # An average is a sum of pre-scaled values: x/c summed stays in range where the sum of x
     # would overflow (float16 40000 + 40000), as NCCL's average does.
@@ -151,7 +167,7 @@ def _attempt_(flat: np.ndarray, op: str, guard: Checker | None, contributors: in
     return True
 
 
-def _integer_average_(flat: np.ndarray, guard: Checker | None, contributors: int) -> bool:
+def _integer_average(flat: np.ndarray, guard: Checker | None, contributors: int) -> bool:
     """The floor of the exact mean, with no overflow: x = c*q + r (0 <= r < c) on every rank,
     so sum(x) // c = sum(q) + sum(r) // c, where neither sum can overflow a 64-bit integer."""
     wide = np.dtype(np.int64 if flat.dtype.kind == "i" else np.uint64)
@@ -161,7 +177,7 @@ def _integer_average_(flat: np.ndarray, guard: Checker | None, contributors: int
     q, r = parts[:flat.size], parts[flat.size:]
     np.floor_divide(x, c, out=q)
     np.remainder(x, c, out=r)
-    if not _attempt_(parts, ops.Sum, guard, contributors):
+    if not _attempt(parts, ops.Sum, guard, contributors):
         return False
     np.floor_divide(r, c, out=r)
     np.add(q, r, out=q)
@@ -169,7 +185,7 @@ def _integer_average_(flat: np.ndarray, guard: Checker | None, contributors: int
     return True
 
 
-def _attempt_device_(flat: Any, op: str, guard: Checker | None, contributors: int) -> bool:
+def _attempt_device(flat: Any, op: str, guard: Checker | None, contributors: int) -> bool:
     """A CuPy buffer: the opening first (trailer only), then CUDA-aware MPI or pinned staging."""
     if guard is not None:
         guard.agree()
@@ -231,28 +247,22 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
     `x` is left untouched; any shape and layout is accepted. Every rank gets the same bits.
     `name` labels the tensor in error messages (and must then agree across ranks).
     """
-    try:
+    with arguments_checked:
         op = ops.resolve_op(op)
         out = gpu.contiguous_copy(_as_array(x, "x"))
         check_name(name)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
     reduce_(out.reshape(-1), op, out.shape, name)
     return out
 
 
 def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
-    try:
+    with arguments_checked:
         op = op if op is ops.Sum else ops.resolve_op(op)     # the default needs no look-up
         flat = check_inplace(x, "x")
         flat = flat if flat.ndim == 1 else flat.reshape(-1)   # reshape costs ~0.1 us; skip it
         if name is not None:
             check_name(name)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
     reduce_(flat, op, x.shape, name)
     return x
 
@@ -264,7 +274,7 @@ def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], .
     Like allreduce_, but the agreement check also covers the number of tensors and their
     shapes, so ranks that packed different groups raise instead of mixing them up.
     """
-    try:
+    with arguments_checked:
         op = ops.resolve_op(op)
         flat = check_inplace(flat, "flat")
         if flat.ndim != 1:
@@ -274,9 +284,6 @@ def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], .
         if packed != flat.size:
             raise ValueError(f"shapes hold {packed} elements but flat has {flat.size}")
         check_name(name)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
     reduce_(flat, op, flat.shape, name, group=len(shapes), layout=layout_code(shapes))
     return flat
 
@@ -316,39 +323,33 @@ def _agree_or_settle(guard: Checker | None) -> bool:
 
 def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
-    try:
+    with arguments_checked:
         root = _check_root(root)
         check_inplace(x, "x")
         check_name(name)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
-    return _broadcast_(x, root, name)
+    return _broadcast(x, root, name)
 
 
 def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
     """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
-    try:
+    with arguments_checked:
         root = _check_root(root)
         out = gpu.contiguous_copy(_as_array(x, "x"))
         check_name(name)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
-    return _broadcast_(out, root, name)
+    return _broadcast(out, root, name)
 
 
-def _broadcast_(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
+def _broadcast(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
     _agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root, name=name))
     if gpu.is_device_array(x):
-        _broadcast_device_(x.reshape(-1), root)   # same tree, same messages
+        _broadcast_device(x.reshape(-1), root)   # same tree, same messages
     else:
         tree_broadcast_(x.reshape(-1), w.comm, root)
     return x
 
 
-def _broadcast_device_(flat: Any, root: int) -> None:
+def _broadcast_device(flat: Any, root: int) -> None:
     """broadcast of the contiguous 1-D CuPy array `flat` from `root`, in place."""
     cp, w = gpu.array_module(flat), world()
     with flat.device:
@@ -367,16 +368,13 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
     First dimensions may differ between ranks (as in Horovod); the rest of the shape and the
     dtype must agree, or every rank raises ValueError.
     """
-    try:
+    with arguments_checked:
         arr = gpu.array_module(x).ascontiguousarray(_as_array(x, "x"))
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim > _MAX_NDIM:
             raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
         check_name(name)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
     guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name)
     _agree_or_settle(guard)
     return allgather_rows(arr)

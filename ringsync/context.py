@@ -1,9 +1,10 @@
-"""The MPI world ringsync runs in: init, rank and size, local rank, and abort on a crash.
+"""The MPI world ringsync runs in: the World, rank and size, local rank, and abort on a crash.
 
 The World holds what belongs to one communicator: the private duplicate the collectives
 use, the settings every rank shares, scratch buffers, the agreement checker, the stall
-inspector, the timing probe and the GPU transport. Beyond it ringsync keeps only caches
-(plans, fusion buffers) and the timing recorder.
+inspector, the timing probe and the GPU transport. startup.py builds it (init()); every
+layer reads it through world(). Beyond it ringsync keeps only caches (plans, fusion buffers)
+and the timing recorder.
 """
 from __future__ import annotations
 
@@ -12,39 +13,37 @@ import threading
 import traceback
 from collections.abc import Callable
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
 
-from . import agreement, config, stall
-from .algorithms.ring import ring_allgather_
+from .config import Settings
+
+if TYPE_CHECKING:
+    from .agreement import Checker
+    from .stall import Inspector
 
 
 class World:
-    """ringsync's view of one MPI communicator: a private duplicate plus scratch space."""
+    """ringsync's view of one MPI communicator: a private duplicate plus what hangs off it."""
 
     def __init__(self, comm: MPI.Comm) -> None:
         # A duplicate gives ringsync its own message space: our point-to-point traffic can
         # never match a message the user's own code sends on the original communicator.
         self.comm: MPI.Comm = comm.Dup()
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)      # MPI errors as exceptions
         # Ranks that share a node (shared memory) form the "local" group, as in Horovod.
         self.local_comm: MPI.Comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
-        try:
-            # Settings that change what a rank sends, read once, compared across ranks, frozen.
-            self.settings: config.Settings = agreed_settings(self.comm)
-        except ValueError:
-            self.local_comm.Free()
-            self.comm.Free()
-            raise
+        # Set by init() (startup.py): the settings every rank shares (read once, compared
+        # across ranks, frozen), the cross-rank agreement check, the stall inspector.
+        self.settings: Settings = Settings()
+        self.checker: Checker | None = None
+        self.inspector: Inspector | None = None
         self._scratch: dict[np.dtype, np.ndarray] = {}
         self._views: dict[np.dtype, np.ndarray] = {}
-        # MPI errors as exceptions, then the cross-rank agreement check and the stall
-        # inspector's watchdog thread.
-        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
-        self.checker = agreement.Checker(self.comm, self.settings)
-        self.inspector = stall.start(self)
         # Inside a timed step, timing's wrapper for an all-reduce (timing/); else None.
         self.probe: Callable[[Callable, tuple], object] | None = None
         # GPU buffers (transport/gpu.py): how they reach MPI, (transport, why), decided once;
@@ -75,64 +74,13 @@ class World:
         self.device_caches.clear()
 
 
-SETTINGS_BYTES = 2048     # room for every rank's settings text, the same on every rank
-
-
-def agreed_settings(comm: MPI.Comm) -> config.Settings:
-    """config.Settings from this rank's environment, after checking that every rank has the
-    same: otherwise every rank raises ValueError naming the variables and each rank's value.
-
-    (Compared with ring.py's all-gather of fixed-size rows: MPI's own collectives are not
-    used inside ringsync.)
-    """
-    try:
-        settings = config.Settings.from_env()
-        text = settings.encode()
-    except ValueError as exc:
-        settings, text = None, b"!" + str(exc).encode()
-    p, r = comm.Get_size(), comm.Get_rank()
-    rows = np.zeros((p, SETTINGS_BYTES), dtype=np.uint8)
-    rows[r, :len(text)] = np.frombuffer(text[:SETTINGS_BYTES], dtype=np.uint8)
-    ring_allgather_(list(rows), comm, owned=r)
-    texts = [bytes(row).rstrip(b"\0") for row in rows]
-    errors = [(q, t[1:].decode()) for q, t in enumerate(texts) if t.startswith(b"!")]
-    if errors:
-        raise ValueError("; ".join(f"rank {q}: {why}" for q, why in errors))
-    differing = config.differing_settings(texts)
-    if differing:
-        raise ValueError(f"ranks disagree on ringsync settings (each must be the same on every rank): {differing}")
-    return settings
-
-
 _world: World | None = None
 
 
-def init(comm: MPI.Comm | None = None) -> None:
-    """Start ringsync on `comm` (default MPI.COMM_WORLD); an uncaught exception then aborts the job.
-
-    Calling it again with the same communicator is a no-op; with another, it switches.
-    """
+def set_world(w: World | None) -> None:
+    """Make `w` the current World (init() and shutdown() do this)."""
     global _world
-    if comm is None:
-        comm = MPI.COMM_WORLD
-    if not isinstance(comm, MPI.Comm):
-        raise TypeError(f"comm must be an mpi4py MPI.Comm, got {type(comm).__name__}")
-    if comm == MPI.COMM_NULL:
-        raise ValueError("comm must not be MPI.COMM_NULL")
-    if _world is not None:
-        if MPI.Comm.Compare(_world.comm, comm) == MPI.CONGRUENT:
-            return
-        _world.free()
-    _world = World(comm)
-    _install_abort_hook()
-
-
-def shutdown() -> None:
-    """Release ringsync's communicators; init() may be called again afterwards."""
-    global _world
-    if _world is not None:
-        _world.free()
-        _world = None
+    _world = w
 
 
 def is_initialized() -> bool:
@@ -197,7 +145,8 @@ def _abort_on_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
                        where=f" (thread {args.thread.name if args.thread else '?'})")
 
 
-def _install_abort_hook() -> None:
+def install_abort_hook() -> None:
+    """From now on an uncaught exception, in any thread, aborts the whole job."""
     global _previous_hook
     if sys.excepthook is not _abort_on_uncaught:
         _previous_hook = sys.excepthook

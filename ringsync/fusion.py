@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops, timing
-from .collectives import check_inplace, layout_code, reduce_, refuse
+from .collectives import arguments_checked, check_inplace, layout_code, reduce_
 from .context import world
 from .transport.gpu import array_module, is_device_array, on_device_of
 
@@ -182,16 +182,13 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     rounding for sums, whose order depends on where an element sits in the ring's chunks) and
     is bitwise identical on every rank.
     """
-    try:   # a rank refusing its arguments makes the others' call fail too, not wait for it
+    with arguments_checked:  # (a refusal fails the others' call too)
         op, threshold = _check_group(arrays, op, fusion_bytes)
         if not isinstance(arrays, FlatViews):
             arrays = [check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
             if len({array_module(a) for a in arrays}) > 1:
                 raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device "
                                 "arrays in separate calls")
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
         for span, shapes in arrays.owner.buckets(threshold):
             reduce_bucket_span_(span, op, shapes)
@@ -209,16 +206,13 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
     The outputs are views into one fresh FlatBuffer per dtype: the inputs are copied in once,
     and the reduction itself needs no further copy.
     """
-    try:                                                # validate before copying anything
+    with arguments_checked:                         # validate before copying anything
         op, _ = _check_group(arrays, op, fusion_bytes)
         sources = []
         for i, x in enumerate(arrays):
             a = array_module(x).asarray(x)            # CuPy arrays stay on their GPU
             ops.check_dtype(a.dtype, f"arrays[{i}]")
             sources.append(a)
-    except (TypeError, ValueError) as exc:
-        refuse(exc)
-        raise
     outputs: list[np.ndarray | None] = [None] * len(sources)
     for xp, dtype in dict.fromkeys((array_module(a), a.dtype) for a in sources):
         members = [i for i, a in enumerate(sources) if array_module(a) is xp and a.dtype == dtype]

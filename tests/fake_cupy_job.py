@@ -90,6 +90,22 @@ def collectives() -> list[str]:
     return bad
 
 
+def layers_check() -> list[str]:
+    """A device buffer's trip through allreduce_ goes down the layers too (tests/test_layout.py)."""
+    from test_mpi_layout import trace
+    bad = []
+    for transport in (gpu.STAGED, gpu.CUDA_AWARE):
+        gpu.force_transport(transport)
+        gx = cp.asarray(np.ones(1000, np.float32))
+        rs.allreduce_(gx)
+        path, climbs = trace(lambda gx=gx: rs.allreduce_(gx))
+        if climbs:
+            bad.append(f"{transport}: calls that climb back up a layer: {climbs}")
+        if COMM.rank == 0 and "--show-path" in sys.argv:
+            print(f"{transport}: {' -> '.join(path)}")
+    return bad
+
+
 def join_check() -> list[str]:
     """Rank 0 joins at once (join.py); the others reduce and broadcast device arrays without it."""
     from ringsync.join import join
@@ -112,7 +128,7 @@ def main() -> int:
     if sys.argv[1] == "train":
         from ringsync.training.train import main as train
         return train(sys.argv[2:])
-    bad = collectives() + (join_check() if COMM.size > 1 else [])
+    bad = collectives() + layers_check() + (join_check() if COMM.size > 1 else [])
     everyone = COMM.allgather(bad)
     if COMM.rank == 0:
         failures = [f"rank {r}: {m}" for r, ms in enumerate(everyone) for m in ms]

@@ -6,12 +6,12 @@ allreduce_s, steps_slowest, and the `straggler` block). The plot needs matplotli
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Any
 
+from .. import cli
 from ..files import atomic_write
 from .straggler import format_report
 
@@ -21,11 +21,6 @@ PHASES = (("compute_s", "compute", "tab:blue"), ("wait_s", "wait", "tab:red"),
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:   # one line instead of usage + message
-        raise UsageError(message)
 
 
 def load(path: str) -> dict[str, Any]:
@@ -89,12 +84,15 @@ def plot(doc: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="ringsync-report",
-                     description="Print a run's straggler report, and plot it (--plot).")
+    parser = cli.OneLineParser(prog="ringsync-report",
+                               description="Print a run's straggler report, and plot it (--plot).")
     parser.add_argument("path", help="report JSON written by ringsync-train --report PATH.json")
     parser.add_argument("--plot", metavar="OUT.png", help="also draw the report to this image")
     try:
         args = parser.parse_args(argv)
+    except SystemExit as done:          # --help, or a usage error already printed in one line
+        return int(done.code or 0)
+    try:
         doc = load(args.path)
         if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
             raise UsageError(f"--plot {args.plot}: its folder does not exist")

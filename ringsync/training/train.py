@@ -27,7 +27,7 @@ import numpy as np
 
 import ringsync as rs
 
-from .. import timing
+from .. import cli, timing
 from ..files import atomic_write_text
 from ..timing.straggler import format_report, merge_report
 from ..transport import gpu
@@ -51,22 +51,9 @@ DEFAULT_EPOCHS = 20
 
 # --- command line: every mistake exits 2 with one line, printed once (rank 0) ---------------
 
-def _world_rank() -> int:
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_rank()
-
-
 def fail(message: str) -> NoReturn:
     """Print `ringsync-train: error: message` on rank 0 and exit 2 on every rank."""
-    if _world_rank() == 0:
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.stderr.flush()
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:   # argparse's usage dump becomes one line
-        fail(f"{message} (see {PROG} --help)")
+    cli.fail(PROG, message)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -108,7 +95,7 @@ def _widths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Data-parallel SGD of a small MLP over ringsync's ring all-reduce.")
+    p = cli.OneLineParser(prog=PROG, description="Data-parallel SGD of a small MLP over ringsync's ring all-reduce.")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=["digits", "synthetic"], default=None,
                    help="built-in data set (default digits: scikit-learn's 1,797 8x8 images)")

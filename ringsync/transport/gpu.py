@@ -38,7 +38,8 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import config
-from ..context import World, local_rank, world
+from ..config import Settings
+from ..context import World, is_initialized, local_rank, world
 
 CUDA_AWARE = "cuda-aware"
 STAGED = "staged"
@@ -327,27 +328,47 @@ def synced_reduce(ufunc: Any, stream: Any) -> Callable[..., None]:
     return reduce
 
 
-def describe() -> str:
-    """One line: CuPy and device, or why not; the transport and why it was chosen."""
+def describe(w: World | None = None) -> str:
+    """One line: CuPy and device, or why not; the transport and why it was chosen.
+
+    For the World `w` (default: the current one); with no World, as init() would decide it
+    for this process (MPI's local rank, RINGSYNC_CUDA_AWARE), without starting ringsync."""
     reason = gpu_unavailable_reason()
     if reason is not None:
         return f"GPU: unavailable ({reason})"
     cp = import_cupy()
-    w = world()
-    index = choose_device(device_count(), local_rank())
+    if w is None and is_initialized():
+        w = world()
+    if w is not None:
+        rank, local = w.rank, w.local_comm.Get_rank()
+        transport(w)
+        how, why = w.device_transport
+    else:
+        rank, local = MPI.COMM_WORLD.Get_rank(), _local_rank_in_world()
+        how, why = decide_transport(Settings.from_env().cuda_aware, mpi_cuda_support)
+    index = choose_device(device_count(), local)
     name = cp.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)   # bytes in older CuPy
-    transport(w)
-    how, why = w.device_transport
-    return f"GPU: CuPy {cp.__version__}, rank {w.rank} -> device {index} ({name}); transport {how} ({why})"
+    return f"GPU: CuPy {cp.__version__}, rank {rank} -> device {index} ({name}); transport {how} ({why})"
+
+
+def _local_rank_in_world() -> int:
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_rank()
+    finally:
+        local.Free()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print describe() on rank 0; with --require-gpu, return 2 when no GPU is usable."""
-    from ..context import init
-    init()
+    """`python -m ringsync.transport.gpu [--require-gpu]`: print describe() on rank 0; with
+    --require-gpu, return 2 when no GPU is usable."""
     line = describe()
-    if world().rank == 0:
+    if MPI.COMM_WORLD.Get_rank() == 0:
         print(line, flush=True)
     argv = sys.argv[1:] if argv is None else argv
     return 2 if "--require-gpu" in argv and gpu_unavailable_reason() is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

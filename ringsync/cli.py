@@ -1,0 +1,36 @@
+"""Command lines (ringsync-train, ringsync-report, the benchmarks): every mistake exits 2 with
+one line, `PROG: error: what went wrong`, printed once (by rank 0), and no traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+
+def world_rank() -> int:
+    """This process's rank in MPI_COMM_WORLD: from MPI once it is started, else from the
+    launcher's environment (so a command can fail before MPI starts), else 0."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD.Get_rank()
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """Print `prog: error: message` (its first line) on rank 0 and exit 2 on every rank."""
+    if world_rank() == 0:
+        first = message.splitlines()[0] if message else "error"
+        sys.stderr.write(f"{prog}: error: {first}\n")
+        sys.stderr.flush()
+    sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, f"{message} (see {self.prog} --help)")

@@ -1,0 +1,78 @@
+"""init() and shutdown(): build the World, agree on the settings, start the checks.
+
+init() is collective: every rank reads its RINGSYNC_* settings, and the ranks compare them
+before anything else is sent, so a rank configured differently raises on every rank instead
+of sending messages the others do not expect. Then the agreement check (agreement.py) and
+the stall inspector (stall.py) start, and an uncaught exception aborts the whole job.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from . import config, context, stall
+from .agreement import Checker
+from .algorithms.ring import ring_allgather_
+
+SETTINGS_BYTES = 2048     # room for every rank's settings text, the same on every rank
+
+
+def init(comm: MPI.Comm | None = None) -> None:
+    """Start ringsync on `comm` (default MPI.COMM_WORLD); an uncaught exception then aborts the job.
+
+    Calling it again with the same communicator is a no-op; with another, it switches.
+    Ranks whose shared RINGSYNC_* settings differ all raise ValueError, naming them.
+    """
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py MPI.Comm, got {type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise ValueError("comm must not be MPI.COMM_NULL")
+    if context.is_initialized():
+        if MPI.Comm.Compare(context.world().comm, comm) == MPI.CONGRUENT:
+            return
+        shutdown()
+    w = context.World(comm)
+    try:
+        w.settings = agreed_settings(w.comm)
+    except ValueError:
+        w.free()
+        raise
+    w.checker = Checker(w.comm, w.settings)
+    w.inspector = stall.start(w)
+    context.set_world(w)
+    context.install_abort_hook()
+
+
+def shutdown() -> None:
+    """Release ringsync's communicators; init() may be called again afterwards."""
+    if context.is_initialized():
+        context.world().free()
+        context.set_world(None)
+
+
+def agreed_settings(comm: MPI.Comm) -> config.Settings:
+    """config.Settings from this rank's environment, after checking that every rank has the
+    same: otherwise every rank raises ValueError naming the variables and each rank's value.
+
+    (Compared with ring.py's all-gather of fixed-size rows: MPI's own collectives are not
+    used inside ringsync.)
+    """
+    try:
+        settings = config.Settings.from_env()
+        text = settings.encode()
+    except ValueError as exc:
+        settings, text = None, b"!" + str(exc).encode()
+    p, r = comm.Get_size(), comm.Get_rank()
+    rows = np.zeros((p, SETTINGS_BYTES), dtype=np.uint8)
+    rows[r, :len(text)] = np.frombuffer(text[:SETTINGS_BYTES], dtype=np.uint8)
+    ring_allgather_(list(rows), comm, owned=r)
+    texts = [bytes(row).rstrip(b"\0") for row in rows]
+    errors = [(q, t[1:].decode()) for q, t in enumerate(texts) if t.startswith(b"!")]
+    if errors:
+        raise ValueError("; ".join(f"rank {q}: {why}" for q, why in errors))
+    differing = config.differing_settings(texts)
+    if differing:
+        raise ValueError(f"ranks disagree on ringsync settings (each must be the same on every rank): {differing}")
+    return settings
