@@ -11,6 +11,14 @@ A small all-reduce rides on the opening itself (algorithms/gathered.py). CuPy ar
 the same path, with the device transport (transport/gpu.py). Timing wraps an all-reduce from
 outside through World.probe; nothing here knows about timing. Names follow Horovod: a
 trailing underscore means "in place" (the call fills and returns its argument).
+
+The hot path. A 4 KB all-reduce takes a few microseconds, so the Python around it counts.
+The tricks that stay, all on allreduce_'s way down, each marked "(hot path)" where it is:
+the default op skips its look-up; a 1-D buffer skips reshape; `type(x) is np.ndarray` is
+tested before any CuPy check; argument checks read `x.flags` once; the refusal guard is one
+shared object, not a generator; World.probe is None outside timed steps (no wrapper call);
+agreement.arm() keys its cache on a plain tuple; a small buffer is copied into its opening
+block by slice assignment (cheaper than np.copyto for a few KB).
 """
 from __future__ import annotations
 
@@ -143,7 +151,7 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
             if prescale:
                 np.divide(flat, prescale, out=slots[0])
             else:
-                slots[0][...] = flat            # (cheaper than np.copyto for a few KB)
+                slots[0][...] = flat            # (hot path) cheaper than np.copyto
             guard.agree(flat.nbytes)
             if guard.bad:
                 return False
@@ -258,9 +266,9 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
 def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
     with arguments_checked:
-        op = op if op is ops.Sum else ops.resolve_op(op)     # the default needs no look-up
+        op = op if op is ops.Sum else ops.resolve_op(op)     # (hot path) no look-up for the default
         flat = check_inplace(x, "x")
-        flat = flat if flat.ndim == 1 else flat.reshape(-1)   # reshape costs ~0.1 us; skip it
+        flat = flat if flat.ndim == 1 else flat.reshape(-1)   # (hot path) reshape costs ~0.1 us
         if name is not None:
             check_name(name)
     reduce_(flat, op, x.shape, name)
