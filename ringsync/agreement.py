@@ -112,6 +112,7 @@ CALL_AND_FLAGS = struct.Struct("<qq")           # written at the record's "call"
 CALL_AT = RECORD.fields["call"][1]
 assert RECORD.fields["flags"][1] == CALL_AT + 8 and TRAILER_BYTES % 8 == 0
 OPENING_TAG = 1       # every opening message; the algorithms' own travel on tag 0
+MAX_PAYLOAD_BYTES = 256 * 1024
 _BYTE = MPI.BYTE
 
 
@@ -166,8 +167,10 @@ class Checker:
         self.last_joined = -1
         # The opening: Bruck rounds (distance 2^k, blocks m_k), and room for p of the
         # largest blocks any rank may send, so no receive is ever too short.
-        self.small_bytes = settings.small_bytes
-        self.capacity = _pad8(settings.small_bytes) + TRAILER_BYTES
+        # The largest payload an opening carries: RINGSYNC_SMALL_BYTES, capped so that the p
+        # blocks stay a modest buffer (a larger small all-reduce opens, then runs doubling).
+        self.payload_limit = min(settings.small_bytes, MAX_PAYLOAD_BYTES)
+        self.capacity = _pad8(self.payload_limit) + TRAILER_BYTES
         self.rounds = [(1 << k, min(1 << k, p - (1 << k))) for k in range(_ceil_log2(p))]
         self.blocks = np.zeros(p * self.capacity if p > 1 else 0, dtype=np.uint8)
         self._memory = memoryview(self.blocks)
@@ -207,7 +210,7 @@ class Checker:
 
     def slots(self, dtype: np.dtype, count: int) -> list[np.ndarray]:
         """Typed views of the payloads of the p blocks (this rank's first; slot i holds rank
-        r+i's) for an opening that carries `count` elements of `dtype` (at most small_bytes)."""
+        r+i's) for an opening that carries `count` elements of `dtype` (at most payload_limit bytes)."""
         if count == self._last_count and dtype is self._last_dtype:     # (hot path) as last time
             return self._last_views
         key = (dtype, count)

@@ -144,7 +144,7 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
         return True
     algorithm = choose(flat.nbytes, w.size, w.settings)
     if guard is not None:
-        if algorithm == "doubling" and w.settings.allreduce == "auto":
+        if algorithm == "doubling" and w.settings.allreduce == "auto" and flat.nbytes <= guard.payload_limit:
             # Small: the buffer rides on the opening itself, and each rank reduces the p
             # gathered buffers in rank order (small.py). No message beyond the opening's.
             slots = guard.slots(flat.dtype, n)

@@ -150,7 +150,7 @@ def test_opening_receives_have_room_for_the_largest_block_any_rank_sends(rs):
     checker = world().checker
     largest = checker.capacity                   # payload limit + trailer, the same everywhere
     ok = True
-    for nbytes in (0, 8, 4096, checker.small_bytes):
+    for nbytes in (0, 8, 4096, checker.payload_limit):
         step = ((nbytes + 7) & ~7) + TRAILER_BYTES
         for send, _, recv, _, expected in checker._plan(step):
             count = expected // step
