@@ -328,3 +328,17 @@ def test_the_check_costs_at_most_ceil_log2_p_extra_hops(rs, nbytes):
     assert_everywhere(extra <= limit, f"{nbytes} B: {on} messages with the check, {off} without")
     if nbytes == 4096:                        # the small all-reduce rides on the opening alone
         assert_everywhere(on == limit, f"4 KB: {on} messages, want {limit}")
+
+
+@pytest.mark.mpi
+def test_small_buffers_above_the_opening_payload_limit(rs):
+    # RINGSYNC_SMALL_BYTES beyond what an opening carries: such buffers open with the trailer
+    # alone, then run recursive doubling; mismatches still raise everywhere.
+    with ringsync_settings(RINGSYNC_SMALL_BYTES=str(1 << 20)):
+        assert_everywhere(world().checker.payload_limit < (1 << 20))
+        x = np.full(100_000, R + 1, dtype=np.float32)          # 400 KB
+        assert_everywhere(np.array_equal(rs.allreduce(x), np.full(100_000, P * (P + 1) / 2, np.float32)))
+        if P > 1:
+            n = 100_000 + (R == P - 1)
+            ok = raised_everywhere(lambda: rs.allreduce(np.ones(n, np.float32)), rs.MismatchError)
+            assert_everywhere(ok, "a mismatch above the payload limit went through")
