@@ -11,6 +11,8 @@ Each step has three phases, kept apart so they can be timed and studied one by o
 So all ranks hold the same model, bit for bit, after every step; the summary proves it by
 comparing parameter hashes across ranks. --batch-size is per rank (Horovod's convention):
 the global batch is ranks x batch size, and the learning rate applies to its average gradient.
+That is --sync bsp, the default; --sync backup:B, local:H, ssp:S and async combine the
+ranks' work in other ways (ringsync/sync/, docs/sync-vs-async.md).
 """
 from __future__ import annotations
 

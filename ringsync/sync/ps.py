@@ -99,14 +99,16 @@ class ParameterServer:
         pending: list[tuple[int, float]] = []      # server 0: (worker, when it asked)
         tickets = 0
         total = self.trainer.total_steps
-        reply = None
+        outbox: list = []                          # (request, buffer) of replies not yet taken
         expected_bytes = common.HEADER_BYTES + shard.data.nbytes
 
         def send(worker: int, ticket: int, with_params: bool) -> None:
-            nonlocal reply
-            reply = common.pack((ticket, self.updates_done), shard.data if with_params else None,
-                                reply if with_params else None)
-            common.wait_sends([self.comm.Isend([reply, MPI.BYTE], dest=worker, tag=TAG_TO_WORKER)])
+            # Never wait here for the worker to take it: a worker held by ssp's bound at
+            # server 0 takes the other servers' replies only when released, and a server
+            # waiting on it would stall the workers the release is waiting for.
+            outbox[:] = [(req, buf) for req, buf in outbox if not req.Test()]
+            reply = common.pack((ticket, self.updates_done), shard.data if with_params else None)
+            outbox.append((self.comm.Isend([reply, MPI.BYTE], dest=worker, tag=TAG_TO_WORKER), reply))
 
         def release() -> None:                     # server 0: answer every request the rules allow
             nonlocal tickets
@@ -157,6 +159,7 @@ class ParameterServer:
                 release()
             else:
                 send(worker, 0, True)
+        common.wait_sends([req for req, _ in outbox])
         self.trainer.params.data[lo:hi] = shard.data
 
     # --- workers ------------------------------------------------------------------------------
