@@ -18,13 +18,20 @@ against steps (in samples, so one axis fits every mode), one line per mode.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shlex
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl
 import numpy as np
 
+import ringsync as rs
+from ringsync import sync, timing, train
 from ringsync.sync import parse_sync
 
 MODES = "bsp,backup:1,local:4,ssp:2,async"
@@ -38,9 +45,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--jitter", default="exp:0.005", help="the jitter scenario's distribution (exp:0.005)")
     ap.add_argument("--epochs", type=bl.positive_int, default=20, help="epochs per run (20)")
     ap.add_argument("--jitter-steps", type=bl.positive_int, default=100,
-                    help="steps of the bsp/backup step-time runs, with and without jitter (100)")
+                    help="steps per block of the bsp/backup step-time jobs (100)")
     ap.add_argument("--rounds", type=bl.positive_int, default=3,
-                    help="interleaved rounds of those runs; the median is reported (3)")
+                    help="rounds of those blocks, alternating without and with jitter; medians (3)")
     ap.add_argument("--batch-size", type=bl.positive_int, default=32, help="samples per rank per step (32)")
     ap.add_argument("--lr", type=bl.nonnegative_float, default=0.1, help="learning rate, every mode (0.1)")
     ap.add_argument("--momentum", type=bl.nonnegative_float, default=0.5, help="momentum, every mode (0.5)")
@@ -49,6 +56,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--mpiexec", default=bl.default_mpiexec(), help="launcher command (the venv's mpiexec)")
     ap.add_argument("--timeout", type=bl.positive_int, default=120, help="seconds per training run (120)")
     ap.add_argument("--out", metavar="DIR", help="write the table, JSON, CSV and plots here")
+    ap.add_argument("--step-job", metavar="MODE", help=argparse.SUPPRESS)      # internal: see step_job()
+    ap.add_argument("--train-args", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         args.modes = [parse_sync(m).text for m in args.modes.split(",") if m.strip()]
@@ -92,6 +101,7 @@ def summarize(doc: dict, scenario: str) -> dict:
         "wait_ms_per_unit": round(wait_ms, 3), "samples_per_s": round(doc["samples_per_second"], 1),
         "staleness_mean": staleness.get("mean"), "staleness_max": staleness.get("max"),
         "dropped_fraction": dropped.get("fraction"),
+        "param_divergence_mean": (doc.get("param_divergence") or {}).get("mean"),
         "curve": doc["curve"],
     }
 
@@ -116,6 +126,8 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.step_job:
+        return step_job(args)
     p = args.ranks
     base = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--momentum", str(args.momentum), "--seed", str(args.seed),
@@ -164,34 +176,81 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def jitter_steps(args, base: list[str]) -> dict:
-    """bsp and backup:1 step times with and without the jitter, beside m H_p and m (H_p - H_B)."""
+    """bsp and backup:1 step times with and without the jitter, beside m H_p and m (H_p - H_B).
+
+    One job per mode (--step-job, below) alternates blocks of steps without and with the
+    jitter in the same processes, so the machine's load, which drifts, hits both alike; the
+    added time is the median over rounds of (jitter block - the block just before it).
+    """
     kind, _, scale = args.jitter.partition(":")
     p, m = args.ranks, float(scale)
-    steps = ["--max-steps", str(args.jitter_steps), "--epochs", "1000"]
-    cases = [(mode, label, flags) for mode in ("bsp", "backup:1")
-             for label, flags in (("none", []), ("jitter", ["--jitter", args.jitter]))]
-    ms: dict[tuple[str, str], list[float]] = {(mode, label): [] for mode, label, _ in cases}
-    for _ in range(args.rounds):          # round-robin: a change in the machine's load hits every case
-        for mode, label, flags in cases:
-            doc = bl.run_train(args.mpiexec, p, base + steps + flags + ["--sync", mode], timeout=args.timeout)
-            ms[mode, label].append(1e3 * doc["train_seconds"] / doc["steps_this_run"])
     rows = []
     for mode in ("bsp", "backup:1"):
         b = parse_sync(mode).value or 0
-        none, jit = float(np.median(ms[mode, "none"])), float(np.median(ms[mode, "jitter"]))
+        blocks = step_job_run(args, base, mode)
+        none, jit = np.array(blocks["none"]), np.array(blocks["jitter"])
         theory = 1e3 * m * (harmonic(p) - harmonic(b)) if kind == "exp" else None
-        rows.append({"mode": mode, "step_ms_no_jitter": round(none, 3), "step_ms_jitter": round(jit, 3),
-                     "added_ms": round(jit - none, 3), "rounds_ms": {k[1]: v for k, v in ms.items() if k[0] == mode},
+        rows.append({"mode": mode, "step_ms_no_jitter": round(float(np.median(none)), 3),
+                     "step_ms_jitter": round(float(np.median(jit)), 3),
+                     "added_ms": round(float(np.median(jit - none)), 3), "rounds_ms": blocks,
                      "theory_ms": None if theory is None else round(theory, 3),
                      "formula": "m*H_p" if b == 0 else f"m*(H_p - H_{b})"})
-    lines = [(f"## step time added by jitter {args.jitter} on {p} ranks, {args.jitter_steps} steps per run, "
-             f"median of {args.rounds} rounds"),
+    lines = [(f"## step time added by jitter {args.jitter} on {p} ranks: {args.rounds} rounds of "
+              f"{args.jitter_steps} steps without, then {args.jitter_steps} with it, in one job per mode; medians"),
              f"{'mode':>10} {'no jitter ms':>12} {'jitter ms':>10} {'added ms':>9} {'theory ms':>10} {'ratio':>6}  formula"]
     for r in rows:
         ratio = "-" if not r["theory_ms"] else f"{r['added_ms'] / r['theory_ms']:.2f}"
         lines.append(f"{r['mode']:>10} {r['step_ms_no_jitter']:>12.2f} {r['step_ms_jitter']:>10.2f} "
                      f"{r['added_ms']:>9.2f} {fmt(r['theory_ms'], '.2f'):>10} {ratio:>6}  {r['formula']}")
     return {"rows": rows, "lines": lines}
+
+
+def step_job_run(args, base: list[str], mode: str) -> dict:
+    """Launch this script as `--step-job MODE` on args.ranks ranks; return its block times."""
+    cmd = shlex.split(args.mpiexec) + ["-n", str(args.ranks), sys.executable, os.path.abspath(__file__),
+                                       "--step-job", mode, "--jitter", args.jitter,
+                                       "--jitter-steps", str(args.jitter_steps), "--rounds", str(args.rounds),
+                                       "--train-args=" + " ".join(base)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the {mode} step-time job ran past {args.timeout} s") from None
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"the {mode} step-time job failed (exit {done.returncode}): {last}")
+    return json.loads(lines[-1])
+
+
+def step_job(args) -> int:
+    """(Under mpiexec.) Alternate blocks of steps without and with the jitter; rank 0 prints
+    {"none": [ms per step, ...], "jitter": [...]} as one JSON line."""
+    targs = train.parse_args(["--quiet", "--epochs", "1000", *args.train_args.split(), "--sync", args.step_job])
+    rs.init()
+    sync.check_args(targs, rs.size(), train.fail)
+    trainer = train.Trainer(targs, train.load_data(targs))
+    mode = sync.SyncRun(targs, trainer)
+    blocks: dict[str, list[float]] = {"none": [], "jitter": []}
+    for k in range(-1, args.rounds):                   # round -1 warms up, untimed
+        for label, jitter in (("none", None), ("jitter", args.jitter)):
+            timing.start("off", every=0, timeline="", jitter=jitter, seed=targs.seed + k + 1)
+            rs.barrier()
+            steps = args.jitter_steps if k >= 0 else 20
+            t0, target = time.perf_counter(), trainer.step + steps
+            while trainer.step < target:
+                trainer.train_step(*trainer.batch(trainer.step))
+            seconds = time.perf_counter() - t0
+            timing.finish()
+            if k >= 0:
+                blocks[label].append(round(1e3 * seconds / steps, 4))
+    mode.finish(0.0)
+    if rs.rank() == 0:
+        print(json.dumps(blocks), flush=True)
+    return 0
 
 
 def draw(ax, rows: list[dict], axis: str, scenario: str) -> None:
