@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
@@ -207,22 +205,12 @@ def jitter_steps(args, base: list[str]) -> dict:
 
 def step_job_run(args, base: list[str], mode: str) -> dict:
     """Launch this script as `--step-job MODE` on args.ranks ranks; return its block times."""
-    cmd = shlex.split(args.mpiexec) + ["-n", str(args.ranks), sys.executable, os.path.abspath(__file__),
-                                       "--step-job", mode, "--jitter", args.jitter,
-                                       "--jitter-steps", str(args.jitter_steps), "--rounds", str(args.rounds),
-                                       "--train-args=" + " ".join(base)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, "1")
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the {mode} step-time job ran past {args.timeout} s") from None
-    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"the {mode} step-time job failed (exit {done.returncode}): {last}")
+    argv = [os.path.abspath(__file__), "--step-job", mode, "--jitter", args.jitter,
+            "--jitter-steps", str(args.jitter_steps), "--rounds", str(args.rounds), "--train-args=" + " ".join(base)]
+    out = bl.run_job(args.mpiexec, args.ranks, argv, args.timeout, f"{mode} step-time job")
+    lines = [x for x in out.splitlines() if x.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"the {mode} step-time job printed no result")
     return json.loads(lines[-1])
 
 

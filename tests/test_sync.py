@@ -1,5 +1,6 @@
 """The sync modes' pure parts: mode parsing, message framing, the curve and its target maths,
 histograms, and the lab's table from a report."""
+import subprocess
 import sys
 
 import numpy as np
@@ -75,3 +76,9 @@ def test_lab_harmonic_numbers_and_table():
     assert row["s_per_epoch"] == 2.0 and row["dropped_fraction"] is None
     lines = lab.table([row])
     assert len(lines) == 2 and "async" in lines[1] and "2.00/5" in lines[1]
+
+
+def test_lab_refuses_a_bad_mode_in_one_line():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sync_vs_async.py"), "--modes", "bsp,sideways"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "must be one of" in done.stderr, done.stderr
