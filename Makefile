@@ -34,11 +34,11 @@ RANKS      ?= 1 2 3 4
 MPI_TIMEOUT ?= 300
 TEST_TIMEOUT ?= 120
 
-.PHONY: all test test-serial test-mpi test-gpu demo demo-ring lint clean bench straggler
+.PHONY: all test test-serial test-mpi test-gpu demo demo-ring lint clean bench straggler sync-lab
 
 all: test
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(MPI_WHEEL),$(PY) -m pip install -q $(MPI_WHEEL))
 	$(PY) -m pip install -q -e '.[dev,plot]'
@@ -116,6 +116,13 @@ straggler: $(VENV)/.installed
 	  --straggler 2:0.05 --report build/straggler/report.json --timeline build/straggler/trace.json
 	$(VENV)/bin/ringsync-report build/straggler/report.json --plot build/straggler/straggler.png
 	@echo "timeline: build/straggler/trace.json (open in https://ui.perfetto.dev)"
+
+# The sync-vs-async lab (docs/sync-vs-async.md): bsp, backup:1, local:4, ssp:2 and async on
+# 4 ranks, under one straggler and under exponential jitter; table and plots to $(BENCH_OUT).
+sync-lab: $(VENV)/.bench
+	mkdir -p $(BENCH_OUT)
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/sync_vs_async.py --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" \
+	  --out $(BENCH_OUT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ringsync tests benchmarks examples

@@ -226,28 +226,39 @@ def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) 
 
     Raises RuntimeError with the job's last error line if it fails or runs past `timeout`.
     """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.json")
+        run_job(mpiexec, nranks, ["-m", "ringsync.training.train", *train_args, "--quiet", "--report", report],
+                timeout, "training", need=report)
+        with open(report, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: str,
+            need: str | None = None) -> str:
+    """Run `python argv...` on `nranks` ranks with the project on PYTHONPATH; return its stdout.
+
+    Raises RuntimeError with the job's last error line if it fails, runs past `timeout`, or
+    leaves no file at `need` (when given).
+    """
     import shlex
     import subprocess
 
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "report.json")
-        cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, "-m", "ringsync.training.train",
-                                      *train_args, "--quiet", "--report", report]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        # One BLAS thread per rank (unless the caller says otherwise): K ranks then use K cores,
-        # and a rank's spare BLAS threads cannot starve a neighbour busy-polling in MPI.
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, "1")
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{nranks}-rank training ran past {timeout:.0f} s") from None
-        if done.returncode != 0 or not os.path.exists(report):
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{nranks}-rank training failed (exit {done.returncode}): {last}")
-        with open(report, encoding="utf-8") as f:
-            return json.load(f)
+    cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, *argv]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # One BLAS thread per rank (unless the caller says otherwise): K ranks then use K cores,
+    # and a rank's spare BLAS threads cannot starve a neighbour busy-polling in MPI.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{nranks}-rank {what} ran past {timeout:.0f} s") from None
+    if done.returncode != 0 or (need is not None and not os.path.exists(need)):
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{nranks}-rank {what} failed (exit {done.returncode}): {last}")
+    return done.stdout
 
 
 def train_supports(flag: str) -> bool:

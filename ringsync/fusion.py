@@ -8,7 +8,7 @@ cost a memory pass each; the saved latencies are worth far more.
 
 Here fusion goes one step further (as PyTorch DDP's gradient_as_bucket_view): when the
 arrays already lie next to each other in memory -- views handed out by a `FlatBuffer`, as
-the gradients of ringsync.nn's models are -- the bucket *is* a slice of that memory, and
+the gradients of ringsync.training.nn's models are -- the bucket *is* a slice of that memory, and
 it is reduced in place with no copy at all.
 
 Planning a call, in three rules:

@@ -11,6 +11,8 @@ Each step has three phases, kept apart so they can be timed and studied one by o
 So all ranks hold the same model, bit for bit, after every step; the summary proves it by
 comparing parameter hashes across ranks. --batch-size is per rank (Horovod's convention):
 the global batch is ranks x batch size, and the learning rate applies to its average gradient.
+That is --sync bsp, the default; --sync backup:B, local:H, ssp:S and async combine the
+ranks' work in other ways (ringsync/sync/, docs/sync-vs-async.md).
 """
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ import ringsync as rs
 
 from .. import cli, timing
 from ..files import atomic_write_text
-from ..timing.straggler import format_report, merge_report
+from ..timing.straggler import merge_report
 from ..transport import gpu
+from . import sync
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (
     DataError,
@@ -94,6 +97,14 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = float_at_least(0.0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.OneLineParser(prog=PROG, description="Data-parallel SGD of a small MLP over ringsync's ring all-reduce.")
     d = p.add_argument_group("data")
@@ -119,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fusion-mb", type=float_at_least(0.0), default=None,
                    help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
     timing.add_arguments(p)   # --timing, --straggler, --jitter, --timeline
+    sync.add_arguments(p, int_at_least(1), _fraction)   # --sync MODE and its settings
     o = p.add_argument_group("output")
     o.add_argument("--save", metavar="PATH.npz", help="checkpoint after every epoch and at the end (rank 0)")
     o.add_argument("--save-every", type=int_at_least(1), default=None, metavar="N",
@@ -315,8 +327,9 @@ def params_identical(params_flat) -> tuple[bool, str]:
     return bool((all_digests == all_digests[0]).all()), all_digests[0].tobytes().hex()
 
 
-def run(trainer: Trainer, quiet: bool = False) -> float:
-    """Train from trainer.step to trainer.total_steps; checkpoint as asked; return wall seconds."""
+def run(trainer: Trainer, quiet: bool = False, after_step: Callable[[], None] | None = None) -> float:
+    """Train from trainer.step to trainer.total_steps; checkpoint as asked; return wall seconds.
+    `after_step`, if given, is called after every step (the sync modes' learning curve)."""
     args, show = trainer.args, trainer.rank == 0 and not quiet
     bar = None
     if show:
@@ -332,6 +345,8 @@ def run(trainer: Trainer, quiet: bool = False) -> float:
         t = time.perf_counter()
         loss, acc = trainer.train_step(*trainer.batch(trainer.step))
         step_ms = 1e3 * (time.perf_counter() - t)
+        if after_step is not None:
+            after_step()
         loss_sum, acc_sum, count = loss_sum + loss, acc_sum + acc, count + 1
         if bar is not None:
             epoch = (trainer.step - 1) // trainer.steps_per_epoch + 1
@@ -364,6 +379,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     if steps_per_epoch(len(data.x_train), args.batch_size * rs.size()) == 0:
         fail(f"global batch {rs.size()} x {args.batch_size} exceeds the {len(data.x_train)} "
              "training samples; lower --batch-size")
+    sync.check_args(args, rs.size(), fail)
     trainer = Trainer(args, data, xp=xp)
     if args.resume:
         error = None
@@ -374,15 +390,18 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         _agree(error)
         broadcast_parameters(trainer.params, root=0)
     first_step = trainer.step
+    mode = sync.SyncRun(args, trainer)             # bsp: train.run below, unchanged
     if rs.rank() == 0 and not args.quiet:
         print(f"{PROG}: {rs.size()} rank(s), {data.name} ({len(data.x_train)} train / {len(data.x_test)} "
               f"test), MLP {'-'.join(map(str, trainer.sizes))} {args.dtype}, global batch "
-              f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch"
+              f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch, --sync {args.sync.text}"
               + (f", resuming at step {first_step}" if args.resume else ""), flush=True)
 
     timing.start_from_args(args, fail)
-    seconds = run(trainer, quiet=args.quiet)
+    seconds = mode.run(run, quiet=args.quiet)
     straggler_report = timing.finish()
+    sync_fields, sync_timing = mode.finish(seconds)
+    straggler_report = straggler_report or sync_timing
 
     final_loss, train_acc = trainer.evaluate(data.x_train, data.y_train)
     _, test_acc = trainer.evaluate(data.x_test, data.y_test)
@@ -403,6 +422,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "ranks": ranks,
     }
     merge_report(report, straggler_report)   # ranks[i].compute_s/wait_s/..., "straggler"
+    report.update(sync_fields)               # sync, curve, *_to_accuracy, and the mode's own
     if rs.rank() == 0:
         if args.report:
             text = json.dumps(report, indent=2) + "\n"
@@ -412,7 +432,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
                   f"{final_loss:.4f}, train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
                   f"{report['samples_per_second']:.0f} samples/s", flush=True)
             if straggler_report:
-                print(format_report(straggler_report), flush=True)
+                print(sync.format_timing(straggler_report), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
                   f"{'yes' if identical else 'NO'} (sha256 {digest[:16]})", flush=True)
     return 0 if identical else 1

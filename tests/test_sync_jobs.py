@@ -1,0 +1,59 @@
+"""ringsync-train --sync MODE end to end, as subprocess jobs: a failing worker ends the job,
+bad settings exit 2 in one line, and the report carries each mode's fields."""
+import json
+import time
+
+import pytest
+from mpitools import run_mpi
+
+SMALL = ["--quiet", "--hidden", "8", "--batch-size", "8"]
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("mode", ["ssp:1", "async"])
+def test_a_worker_that_raises_ends_the_job_on_every_rank(ranks, mode):
+    t0 = time.monotonic()
+    result = run_mpi(ranks, ["tests/sync_fail_job.py", *SMALL, "--sync", mode, "--max-steps", "100000",
+                             "--epochs", "1000"], timeout=60)
+    seconds = time.monotonic() - t0
+    assert result.returncode != 0
+    assert f"uncaught exception on rank {ranks - 1}" in result.stderr, result.stderr[-2000:]
+    assert "injected failure in a worker" in result.stderr
+    assert seconds < 30, seconds
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--sync", "sideways"], "--sync: must be one of"),
+    (["--sync", "backup:2"], "B must be smaller than the 2 rank(s)"),
+    (["--sync", "async", "--servers", "2"], "needs a worker"),
+    (["--sync", "async", "--straggler", "0:0.01"], "rank 0 is a parameter server"),
+    (["--sync", "local:2", "--save", "ck.npz"], "--save is not supported with --sync local:2"),
+    (["--sync", "ssp:1", "--timeline", "t.json"], "--timeline is not supported"),
+])
+def test_bad_sync_settings_exit_2_with_one_line(flags, says):
+    result = run_mpi(2, ["-m", "ringsync.training.train", *SMALL, "--max-steps", "1", *flags], timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+
+
+def test_report_fields_of_ssp_with_two_servers_and_a_straggler(tmp_path):
+    report = tmp_path / "ssp.json"
+    result = run_mpi(4, ["-m", "ringsync.training.train", *SMALL, "--sync", "ssp:1", "--servers", "2",
+                         "--staleness-lr", "--straggler", "3:0.002", "--epochs", "1", "--momentum", "0",
+                         "--target-accuracy", "0.3", "--curve-every", "20", "--report", str(report)],
+                     timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(report.read_text())
+    per_epoch = doc["train_samples"] // 8
+    assert doc["sync"] == "ssp:1" and doc["steps"] == per_epoch and doc["servers"] == 2
+    assert doc["params_identical_across_ranks"]
+    st = doc["staleness"]
+    assert st["count"] == 2 * per_epoch and st["lr_scaled"] and st["max"] >= 0
+    assert sum(st["histogram"].values()) == st["count"]
+    workers = [r for r in doc["ranks"] if r["role"] == "worker"]
+    assert [r["rank"] for r in workers] == [2, 3] and sum(r["units"] for r in workers) == per_epoch
+    assert workers[1]["units"] < workers[0]["units"]      # the straggler draws fewer batches
+    assert [p["units"] for p in doc["curve"]][:2] == [20, 40] and doc["curve"][-1]["units"] == per_epoch
+    assert doc["steps_to_accuracy"] is not None, doc["curve"]
+    assert doc["samples_to_accuracy"] == 8 * doc["steps_to_accuracy"]
+    assert doc["time_to_accuracy_s"] is not None and doc["straggler"]["mode"] == "ssp:1"
