@@ -49,11 +49,12 @@ test: test-serial test-mpi
 test-serial: $(VENV)/.installed
 	RINGSYNC_TEST_MPIEXEC="$(MPIEXEC) $(MPIEXEC_FLAGS)" $(PY) -m pytest tests -q -m "not mpi" -p no:cacheprovider --timeout $(TEST_TIMEOUT)
 
+# --color=no: Open MPI's mpirun gives the ranks a terminal, and colour codes would fill the log.
 test-mpi: $(VENV)/.installed
 	@set -e; for n in $(RANKS); do \
 	  echo "== MPI tests on $$n rank(s) =="; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m mpi \
-	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -W ignore::pytest.PytestUnraisableExceptionWarning; \
+	    --with-mpi --color=no -p no:cacheprovider --timeout $(TEST_TIMEOUT) -W ignore::pytest.PytestUnraisableExceptionWarning; \
 	done
 
 # GPU tests: install CuPy (GPU_EXTRA=gpu-cuda11 / gpu-cuda13 for other CUDA majors), refuse
@@ -68,7 +69,7 @@ test-gpu: $(VENV)/.installed
 	@set -e; for n in $(GPU_RANKS); do \
 	  echo "== GPU tests on $$n rank(s) =="; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $$n $(PY) -m pytest tests -q -m gpu \
-	    --with-mpi -p no:cacheprovider --timeout $(TEST_TIMEOUT) -rs -W ignore::pytest.PytestUnraisableExceptionWarning; \
+	    --with-mpi --color=no -p no:cacheprovider --timeout $(TEST_TIMEOUT) -rs -W ignore::pytest.PytestUnraisableExceptionWarning; \
 	done
 
 # Train the MLP on scikit-learn's digits over 4 ranks: loss, test accuracy, and proof that
