@@ -9,21 +9,22 @@ Horovod stops this with a negotiation round before every reduction.
 ringsync's check is an *opening*: every guarded collective begins with the same pattern of
 ceil(log2 p) message rounds, whatever the call, so ranks in different calls still meet.
 
-  * Each rank makes a *block*: its payload, then a trailer holding the call's whole
-    signature (which collective, op, dtype, shape, root, tensor count and shapes, name,
-    call number, flags) as a fixed-width record.
+  * Each rank makes a *block*: its payload, then a 32-byte trailer: a 128-bit BLAKE2b digest
+    of the call's whole signature (which collective, op, dtype, shape, root, tensor count and
+    shapes, name), the call number (call order), and flags.
   * The blocks are all-gathered in Bruck's pattern: in round k rank r sends the blocks it
     holds to r - 2^k and receives as many from r + 2^k. After ceil(log2 p) rounds every rank
-    holds every rank's block, so every rank compares every signature with its own: all
-    ranks reach the same verdict, with no further message.
+    holds every rank's block, so every rank compares every trailer with its own: all ranks
+    reach the same verdict, with no further message.
   * No receive is ever shorter than what can arrive. The largest block any guarded call
     sends is fixed when ringsync starts (RINGSYNC_SMALL_BYTES of payload plus the trailer,
     the same on every rank: init() compares the settings), and a round's receive always has
     room for that many of the largest blocks. What arrived is then checked by its byte count,
     then by its trailers. A rank that saw a message of the wrong size marks its own trailer,
     which travels on with every block it forwards.
-  * Trailers are compared byte for byte, not through a hash or an MPI tag (every opening
-    message has the same tag): two different calls can never pass for one.
+  * The MPI tag carries nothing (every opening message has the same one), so calls that
+    would share a tag cannot fool the check; two different calls pass for one only if
+    their 128-bit BLAKE2b digests collide, which nobody can arrange.
   * Small all-reduces ride on the opening: the payload is the buffer itself, and after the
     opening each rank holds all p buffers and reduces them in rank order (small.py): one
     latency per round and no extra message at all. Larger calls send trailer-only blocks,
@@ -105,12 +106,10 @@ RECORD = np.dtype([("kind", "<i8"), ("op", "<i8"), ("dtype", "<i8"), ("root", "<
                    ("count", "<i8"), ("ndim", "<i8"), ("dims", "<i8", (MAX_DIMS,)),
                    ("name", f"S{NAME_BYTES}")])
 
-# The trailer of an opening block: the whole signature record, then a digest of what the
-# record cuts off (see signature_bytes). Call number and flags sit inside the record.
-TRAILER_BYTES = RECORD.itemsize + 16
-CALL_AND_FLAGS = struct.Struct("<qq")           # written at the record's "call" field
-CALL_AT = RECORD.fields["call"][1]
-assert RECORD.fields["flags"][1] == CALL_AT + 8 and TRAILER_BYTES % 8 == 0
+# The trailer of an opening block: the signature's 128-bit digest (two 64-bit halves), the
+# call number (call order) and the flags.
+TRAILER = struct.Struct("<qqqq")
+TRAILER_BYTES = TRAILER.size
 OPENING_TAG = 1       # every opening message; the algorithms' own travel on tag 0
 MAX_PAYLOAD_BYTES = 256 * 1024
 _BYTE = MPI.BYTE
@@ -130,12 +129,15 @@ def make_record(call: Call, number: int = 0, flags: int = 0) -> np.ndarray:
     return row
 
 
-def signature_bytes(call: Call) -> bytes:
-    """The trailer's signature: `call`'s record (with call number and flags zero), then 16
-    bytes of BLAKE2b over its full shape and name, which the record cuts at 8 dimensions and
-    64 bytes. Equal bytes, equal calls: nothing is compared through a hash of the record."""
-    overflow = hashlib.blake2b(repr((tuple(call.shape), call.name)).encode(), digest_size=16)
-    return make_record(call).tobytes() + overflow.digest()
+def digest(call: Call) -> tuple[int, int]:
+    """128 bits of BLAKE2b over `call`'s whole record (call number and flags aside), and over
+    its full shape and name, which the record cuts at 8 dimensions and 64 bytes. Two different
+    calls with one digest would be a BLAKE2b collision: not an accident anyone will meet, nor
+    one anyone can build (unlike a hash the size of an MPI tag)."""
+    h = hashlib.blake2b(make_record(call).tobytes(), digest_size=16)
+    h.update(repr((tuple(call.shape), call.name)).encode())
+    lo, hi = struct.unpack("<qq", h.digest())
+    return lo, hi
 
 
 def _ceil_log2(p: int) -> int:
@@ -161,8 +163,8 @@ class Checker:
         self._key: tuple = ()
         self.bad = False        # True once this rank knows the current call went wrong
         self.flags = 0
-        self._signature = b""
-        self._signatures: dict[tuple, bytes] = {}
+        self._digest = (0, 0)
+        self._digests: dict[tuple, tuple[int, int]] = {}
         self.joined: set[int] = set()    # ranks seen (by every rank alike) to have joined
         self.last_joined = -1
         # The opening: Bruck rounds (distance 2^k, blocks m_k), and room for p of the
@@ -173,7 +175,6 @@ class Checker:
         self.capacity = _pad8(self.payload_limit) + TRAILER_BYTES
         self.rounds = [(1 << k, min(1 << k, p - (1 << k))) for k in range(_ceil_log2(p))]
         self.blocks = np.zeros(p * self.capacity if p > 1 else 0, dtype=np.uint8)
-        self._memory = memoryview(self.blocks)
         self._plans: dict[int, list[tuple]] = {}
         self._slots: dict[tuple[np.dtype, int], list[np.ndarray]] = {}
         self._last_count, self._last_dtype, self._last_views = -1, None, []
@@ -199,12 +200,12 @@ class Checker:
         if not self.enabled:
             return None
         key = (kind, op, dtype, shape, root, group, layout, name)   # a plain tuple: cheap to hash
-        signature = self._signatures.get(key)
-        if signature is None:   # a training loop makes the same calls over and over: once each
-            if len(self._signatures) > 4096:
-                self._signatures.clear()
-            signature = self._signatures[key] = signature_bytes(Call(*key))
-        self._signature, self._key, self.call = signature, key, self.calls
+        fingerprint = self._digests.get(key)
+        if fingerprint is None:     # a training loop makes the same calls over and over: once each
+            if len(self._digests) > 4096:
+                self._digests.clear()
+            fingerprint = self._digests[key] = digest(Call(*key))
+        self._digest, self._key, self.call = fingerprint, key, self.calls
         self.bad, self.flags = False, 0
         return self
 
@@ -230,30 +231,29 @@ class Checker:
         into slot 0, then the trailer), compare, and set `bad` alike on every rank."""
         step = ((nbytes + 7) & ~7) + TRAILER_BYTES
         plan = self._plans.get(step) or self._plan(step)
-        blocks, memory, comm, status = self.blocks, self._memory, self.comm, self.status
+        blocks, comm, status = self.blocks, self.comm, self.status
         trailer = step - TRAILER_BYTES
-        memory[trailer:step] = self._signature
-        CALL_AND_FLAGS.pack_into(blocks, trailer + CALL_AT, self.call, self.flags)
+        lo, hi = self._digest
+        TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags)
         relayed = False
         for send, dest, recv, source, expected in plan:
             comm.Sendrecv([send, _BYTE], dest, OPENING_TAG, [recv, _BYTE], source, OPENING_TAG, status)
             if status.Get_count(_BYTE) != expected and not relayed:
                 relayed = True      # a neighbour in another call: say so to whoever we forward to
-                CALL_AND_FLAGS.pack_into(blocks, trailer + CALL_AT, self.call, self.flags | Flag.RELAYED)
+                TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags | Flag.RELAYED)
         if relayed or self.flags:
             self.bad = True
             return
-        # Every rank's trailer must equal ours, byte for byte (flags included: all zero).
-        mine = bytes(memory[trailer:step])
+        # Every rank's trailer must equal ours (flags included: all zero).
+        mine, unpack = (lo, hi, self.call, 0), TRAILER.unpack_from
         if self.size == 2:      # (hot path) one other block, no generator
-            self.bad = bytes(memory[step + trailer:2 * step]) != mine
+            self.bad = unpack(blocks, step + trailer) != mine
         else:
-            self.bad = any(bytes(memory[i * step + trailer:(i + 1) * step]) != mine
-                           for i in range(1, self.size))
+            self.bad = any(unpack(blocks, i * step + trailer) != mine for i in range(1, self.size))
 
     def _plan(self, step: int) -> list[tuple]:
         """Per round: (send view, dest, receive view, source, expected bytes), for blocks of `step`."""
-        p, r, blocks = self.size, self.rank, self._memory
+        p, r, blocks = self.size, self.rank, memoryview(self.blocks)
         plan = []
         for distance, count in self.rounds:
             # Receive with room for `count` of the largest blocks: whatever a rank in another
