@@ -26,7 +26,7 @@ ceil(log2 p) message rounds, whatever the call, so ranks in different calls stil
     would share a tag cannot fool the check; two different calls pass for one only if
     their 128-bit BLAKE2b digests collide, which nobody can arrange.
   * Small all-reduces ride on the opening: the payload is the buffer itself, and after the
-    opening each rank holds all p buffers and reduces them in rank order (small.py): one
+    opening each rank holds all p buffers and reduces them in rank order (gathered.py): one
     latency per round and no extra message at all. Larger calls send trailer-only blocks,
     then run their algorithm on exactly known sizes, on another tag.
   * Nothing is written into the caller's buffer before the verdict, so a failed call leaves

@@ -108,7 +108,6 @@ def choose(nbytes: int, p: int, settings: Settings) -> str:
     return "pipelined" if nbytes > p * settings.segment_bytes else "ring"
 
 
-
 def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> None:
     """All-reduce the contiguous 1-D buffer `flat` in place; an average divides by `contributors`.
 
@@ -146,7 +145,7 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
     if guard is not None:
         if algorithm == "doubling" and w.settings.allreduce == "auto" and flat.nbytes <= guard.payload_limit:
             # Small: the buffer rides on the opening itself, and each rank reduces the p
-            # gathered buffers in rank order (small.py). No message beyond the opening's.
+            # gathered buffers in rank order (algorithms/gathered.py). No extra message.
             slots = guard.slots(flat.dtype, n)
             if prescale:
                 np.divide(flat, prescale, out=slots[0])
@@ -176,20 +175,11 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
 
 
 def _integer_average(flat: np.ndarray, guard: Checker | None, contributors: int) -> bool:
-    """The floor of the exact mean, with no overflow: x = c*q + r (0 <= r < c) on every rank,
-    so sum(x) // c = sum(q) + sum(r) // c, where neither sum can overflow a 64-bit integer."""
-    wide = np.dtype(np.int64 if flat.dtype.kind == "i" else np.uint64)
-    c = wide.type(contributors)
-    x = flat.astype(wide)
-    parts = np.empty(2 * flat.size, dtype=wide)
-    q, r = parts[:flat.size], parts[flat.size:]
-    np.floor_divide(x, c, out=q)
-    np.remainder(x, c, out=r)
+    """The floor of the exact mean, with no overflow (ops.average_parts): sum the parts, finish."""
+    parts = ops.average_parts(flat, contributors)
     if not _attempt(parts, ops.Sum, guard, contributors):
         return False
-    np.floor_divide(r, c, out=r)
-    np.add(q, r, out=q)
-    np.copyto(flat, q, casting="unsafe")    # the mean of in-range values is in range
+    ops.finish_average_(flat, parts, contributors)
     return True
 
 

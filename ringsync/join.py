@@ -46,7 +46,7 @@ def join() -> int:
     while True:
         guard = checker.arm(JOIN)
         guard.agree()
-        if not guard.bad:            # every rank is in join() (the others' fingerprints match)
+        if not guard.bad:            # every rank is in join() (the others' signatures match)
             return _finish(checker, w.size)
         row, joined = guard.settle()         # raises here too if the others disagree
         if len(joined) == w.size:

@@ -1,7 +1,7 @@
 """Reduction operations and the dtypes ringsync reduces.
 
 An op is named by a string; each maps to a NumPy ufunc that combines two chunks in place.
-"average" is a sum followed by a division by the number of ranks (floor division for ints).
+"average" divides by the number of contributing ranks without overflowing (see the end).
 """
 from __future__ import annotations
 
@@ -48,9 +48,27 @@ def check_dtype(dtype: np.dtype, arg: str = "x") -> None:
         raise TypeError(f"{arg} has unsupported dtype {dt.name}{order}; supported: {names}")
 
 
-def finish_average_(buf: np.ndarray, nranks: int) -> None:
-    """Turn a sum into an average in place: true division for floats, floor for integers."""
-    if np.issubdtype(buf.dtype, np.integer):
-        np.floor_divide(buf, nranks, out=buf)
-    else:
-        np.divide(buf, nranks, out=buf)
+# --- averages that cannot overflow --------------------------------------------------------------
+# Floats: each rank divides by the number of contributors before the sum (the front doors do
+# it on the way into the algorithm). Integers: the floor of the exact mean, in two steps around
+# a sum across ranks, so that neither sum can overflow 64 bits:
+#     x = c*q + r with 0 <= r < c on every rank;   floor(sum x / c) = sum q + (sum r) // c
+
+def average_parts(x: np.ndarray, contributors: int) -> np.ndarray:
+    """Step 1 of an integer average: [x // c | x % c] in 64 bits, to be summed across ranks."""
+    wide = np.dtype(np.int64 if x.dtype.kind == "i" else np.uint64)
+    c, n = wide.type(contributors), x.size
+    parts = np.empty(2 * n, dtype=wide)
+    wide_x = x.reshape(-1).astype(wide)
+    np.floor_divide(wide_x, c, out=parts[:n])
+    np.remainder(wide_x, c, out=parts[n:])
+    return parts
+
+
+def finish_average_(out: np.ndarray, summed: np.ndarray, contributors: int) -> None:
+    """Step 2: `out` (any integer dtype) = sum q + (sum r) // c, from the summed parts."""
+    n = summed.size // 2
+    q, r = summed[:n], summed[n:]
+    np.floor_divide(r, summed.dtype.type(contributors), out=r)
+    np.add(q, r, out=q)
+    np.copyto(out.reshape(-1), q, casting="unsafe")   # the mean of in-range values is in range

@@ -44,10 +44,13 @@ def test_unsupported_dtypes_are_refused_by_name(dtype):
         ops.check_dtype(np.dtype(dtype), "grad")
 
 
-def test_average_floors_integers_and_divides_floats():
+def test_average_floors_integers_without_overflow():
+    # Two ranks hold [7, -7, 8] and [0, 0, 0]: their parts are summed, then finished.
     ints = np.array([7, -7, 8], dtype=np.int32)
-    ops.finish_average_(ints, 2)
+    summed = ops.average_parts(ints, 2) + ops.average_parts(np.zeros(3, np.int32), 2)
+    ops.finish_average_(ints, summed, 2)
     assert ints.tolist() == [3, -4, 4]
-    floats = np.array([1.0, 3.0], dtype=np.float16)
-    ops.finish_average_(floats, 4)
-    assert floats.tolist() == [0.25, 0.75]
+    big = np.full(2, 100, dtype=np.int8)            # 100 + 100 overflows int8; the mean does not
+    summed = ops.average_parts(big, 2) + ops.average_parts(big, 2)
+    ops.finish_average_(big, summed, 2)
+    assert big.tolist() == [100, 100]

@@ -48,8 +48,7 @@ from .inject import Delays, parse_jitter, parse_straggler
 from .straggler import split_steps, straggler_report
 
 MODES = ("off", "passive", "barrier")
-DEFAULT_MODE = "passive"
-DEFAULT_EVERY = 1000
+DEFAULT_MODE = config.Settings.timing          # RINGSYNC_TIMING's default
 
 now = time.perf_counter     # one monotonic clock per process; never compared across ranks
 
