@@ -8,6 +8,12 @@ Start reading at ringsync/algorithms/ring.py. The layers, top to bottom: trainin
 fusion.py, timing/ (wraps the front doors), collectives.py (the front doors), agreement.py,
 algorithms/, transport/. The public API below is grouped by topic.
 """
+import os as _os
+
+# Before anything imports mpi4py.MPI: Open MPI's wheel would otherwise print a UCX warning
+# each time a shared-memory window is made (transport/shm.py). A user's own setting stays.
+_os.environ.setdefault("OMPI_MCA_osc", "^ucx")
+
 # The MPI world
 from .context import is_initialized, local_rank, local_size, rank, size
 from .startup import init, shutdown

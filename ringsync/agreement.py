@@ -51,6 +51,7 @@ from mpi4py import MPI
 from . import ops
 from .algorithms.ring import ring_allgather_
 from .config import Settings
+from .transport.shm import NodeSegment
 
 
 class Kind(IntEnum):
@@ -92,6 +93,7 @@ class Call(NamedTuple):
     root: int = -1
     group: int = 1          # tensors fused into the buffer
     layout: int = 0         # a code for those tensors' shapes
+    place: int = 0          # 1: the buffer lies in a shared window (read in place by the others)
     name: str | None = None
 
 
@@ -102,7 +104,7 @@ class MismatchError(ValueError):
 # A signature as a fixed-width record, the row the slow path gathers from every rank.
 MAX_DIMS, NAME_BYTES = 8, 64
 RECORD = np.dtype([("kind", "<i8"), ("op", "<i8"), ("dtype", "<i8"), ("root", "<i8"),
-                   ("group", "<i8"), ("layout", "<i8"), ("call", "<i8"), ("flags", "<i8"),
+                   ("group", "<i8"), ("layout", "<i8"), ("place", "<i8"), ("call", "<i8"), ("flags", "<i8"),
                    ("count", "<i8"), ("ndim", "<i8"), ("dims", "<i8", (MAX_DIMS,)),
                    ("name", f"S{NAME_BYTES}")])
 
@@ -122,6 +124,7 @@ def make_record(call: Call, number: int = 0, flags: int = 0) -> np.ndarray:
     row["kind"], row["op"] = int(call.kind), OP_CODES.get(call.op, 0)
     row["dtype"] = DTYPE_CODES.get(call.dtype, 0) if call.dtype is not None else 0
     row["root"], row["group"], row["layout"] = call.root, call.group, call.layout
+    row["place"] = call.place
     row["call"], row["flags"] = number, flags
     row["count"], row["ndim"] = int(np.prod(shape, dtype=np.int64)), len(shape)
     row["dims"][:min(len(shape), MAX_DIMS)] = shape[:MAX_DIMS]
@@ -151,8 +154,11 @@ class Checker:
     check is off), runs agree() (or rides on it), then settle() if `bad` was set.
     """
 
-    def __init__(self, comm: MPI.Comm, settings: Settings) -> None:
+    def __init__(self, comm: MPI.Comm, settings: Settings, segment: NodeSegment | None = None) -> None:
         self.comm = comm
+        # With every rank on one node and the shared-memory transport, the opening is a sync
+        # point on the node's segment instead of messages (_agree_shared).
+        self.segment = segment
         p, r = comm.Get_size(), comm.Get_rank()
         self.size, self.rank = p, r
         # On with either check (a NaN found on one rank must reach them all); off on one rank.
@@ -171,13 +177,14 @@ class Checker:
         # largest blocks any rank may send, so no receive is ever too short.
         # The largest payload an opening carries: RINGSYNC_SMALL_BYTES, capped so that the p
         # blocks stay a modest buffer (a larger small all-reduce opens, then runs doubling).
-        self.payload_limit = min(settings.small_bytes, MAX_PAYLOAD_BYTES)
+        self.payload_limit = min(settings.small_bytes, MAX_PAYLOAD_BYTES,
+                                 segment.slot_bytes if segment is not None else MAX_PAYLOAD_BYTES)
         self.capacity = _pad8(self.payload_limit) + TRAILER_BYTES
         self.rounds = [(1 << k, min(1 << k, p - (1 << k))) for k in range(_ceil_log2(p))]
         self.blocks = np.zeros(p * self.capacity if p > 1 else 0, dtype=np.uint8)
         self._plans: dict[int, list[tuple]] = {}
         self._slots: dict[tuple[np.dtype, int], list[np.ndarray]] = {}
-        self._last_count, self._last_dtype, self._last_views = -1, None, []
+        self._last_count, self._last_dtype, self._last_parity, self._last_views = -1, None, -1, []
         self.status = MPI.Status()
 
     # -- the fast path -------------------------------------------------------------------
@@ -192,14 +199,14 @@ class Checker:
         return self._key[-1] if self._key else None
 
     def arm(self, kind: Kind, op: str = "", dtype: np.dtype | None = None, shape: tuple = (), *,
-            root: int = -1, group: int = 1, layout: int = 0,
+            root: int = -1, group: int = 1, layout: int = 0, place: int = 0,
             name: str | None = None) -> Checker | None:
         """Count this call and note its signature (the fields of a Call); returns the guard
         for the algorithm, or None if the check is off."""
         self.calls += 1
         if not self.enabled:
             return None
-        key = (kind, op, dtype, shape, root, group, layout, name)   # a plain tuple: cheap to hash
+        key = (kind, op, dtype, shape, root, group, layout, place, name)   # a plain tuple: cheap to hash
         fingerprint = self._digests.get(key)
         if fingerprint is None:     # a training loop makes the same calls over and over: once each
             if len(self._digests) > 4096:
@@ -212,23 +219,37 @@ class Checker:
     def slots(self, dtype: np.dtype, count: int) -> list[np.ndarray]:
         """Typed views of the payloads of the p blocks (this rank's first; slot i holds rank
         r+i's) for an opening that carries `count` elements of `dtype` (at most payload_limit bytes)."""
-        if count == self._last_count and dtype is self._last_dtype:     # (hot path) as last time
-            return self._last_views
-        key = (dtype, count)
+        seg = self.segment
+        if seg is not None:         # the next episode's slots in the node's segment
+            parity = (seg.episode + 1) & 1
+            if count == self._last_count and dtype is self._last_dtype and parity == self._last_parity:
+                return self._last_views     # (hot path) as last time
+            key = (dtype, count, parity)
+        else:
+            if count == self._last_count and dtype is self._last_dtype:     # (hot path) as last time
+                return self._last_views
+            key, parity = (dtype, count), 0
         views = self._slots.get(key)
         if views is None:
             if len(self._slots) > 256:
                 self._slots.clear()
-            step = _pad8(count * dtype.itemsize) + TRAILER_BYTES
-            views = self._slots[key] = [
-                self.blocks[i * step:i * step + count * dtype.itemsize].view(dtype)
-                for i in range(self.size)]
-        self._last_count, self._last_dtype, self._last_views = count, dtype, views
+            if seg is not None:
+                by_rank = seg.views(parity, dtype, count)
+                views = [by_rank[(self.rank + i) % self.size] for i in range(self.size)]
+            else:
+                step = _pad8(count * dtype.itemsize) + TRAILER_BYTES
+                views = [self.blocks[i * step:i * step + count * dtype.itemsize].view(dtype)
+                         for i in range(self.size)]
+            self._slots[key] = views
+        self._last_count, self._last_dtype, self._last_parity, self._last_views = count, dtype, parity, views
         return views
 
     def agree(self, nbytes: int = 0) -> None:
         """The opening: all-gather every rank's block (an `nbytes` payload already written
         into slot 0, then the trailer), compare, and set `bad` alike on every rank."""
+        if self.segment is not None:
+            self._agree_shared()
+            return
         step = ((nbytes + 7) & ~7) + TRAILER_BYTES
         plan = self._plans.get(step) or self._plan(step)
         blocks, comm, status = self.blocks, self.comm, self.status
@@ -250,6 +271,23 @@ class Checker:
             self.bad = unpack(blocks, step + trailer) != mine
         else:
             self.bad = any(unpack(blocks, i * step + trailer) != mine for i in range(1, self.size))
+
+    def _agree_shared(self) -> None:
+        """The opening on one node: an episode of the segment whose payload is already in this
+        rank's slot; the trailers sit in the control lines. One sync point, then every rank
+        compares every trailer with its own (the same verdict everywhere, as above)."""
+        seg = self.segment
+        parity = seg.begin()
+        lo, hi = self._digest
+        mine = (lo, hi, self.call, self.flags)
+        trailers = seg.trailers[parity]
+        TRAILER.pack_into(trailers[self.rank], 0, *mine)
+        seg.sync()
+        if self.flags:
+            self.bad = True
+            return
+        unpack = TRAILER.unpack_from
+        self.bad = any(unpack(trailers[q]) != mine for q in range(self.size) if q != self.rank)
 
     def _plan(self, step: int) -> list[tuple]:
         """Per round: (send view, dest, receive view, source, expected bytes), for blocks of `step`."""
@@ -364,6 +402,7 @@ def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
             ("root", lambda row: str(row["root"])),
             ("tensor count", lambda row: str(row["group"])),
             ("tensor shapes in the group", lambda row: f"layout {int(row['layout']) & 0xffffffff:08x}"),
+            ("buffer", lambda row: "a shared FlatBuffer's" if row["place"] else "private memory"),
             ("name", lambda row: repr(_name(row))),
         ]
     out = []

@@ -32,11 +32,13 @@ from .algorithms.doubling import recursive_doubling_allreduce_
 from .algorithms.gathered import reduce_gathered_
 from .algorithms.pipelined import pipelined_ring_allreduce_
 from .algorithms.ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .algorithms.shared import shared_allreduce_, shared_allreduce_in_place_, shared_gathered_allreduce_
 from .algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
 from .algorithms.tree import dissemination_barrier, tree_broadcast_
 from .config import Settings
 from .context import world
 from .transport import gpu
+from .transport.shm import peers_of
 
 
 def _as_array(x: object, arg: str) -> np.ndarray:
@@ -93,11 +95,13 @@ arguments_checked = ArgumentsChecked()
 
 # --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
 
-def choose(nbytes: int, p: int, settings: Settings) -> str:
-    """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'pipelined' or 'ring'.
+def choose(nbytes: int, p: int, settings: Settings, shared: bool = False) -> str:
+    """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'shared',
+    'pipelined' or 'ring'.
 
     Small buffers: few messages (with the agreement check on, the gathered reduce riding on
-    its opening; else recursive doubling). Otherwise the ring (least traffic),
+    its opening; else recursive doubling). With shared memory within the node (`shared`),
+    the rest goes through it (algorithms/shared.py). Otherwise the ring (least traffic),
     pipelined only when a chunk spans several segments: below that, segments add messages
     and save nothing, as a one-segment chunk fits in the cache anyway.
     """
@@ -105,16 +109,20 @@ def choose(nbytes: int, p: int, settings: Settings) -> str:
         return settings.allreduce
     if nbytes <= settings.small_bytes:
         return "doubling"
+    if shared:
+        return "shared"
     return "pipelined" if nbytes > p * settings.segment_bytes else "ring"
 
 
-def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> None:
+def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int,
+                    peers: list[np.ndarray] | None = None) -> None:
     """All-reduce the contiguous 1-D buffer `flat` in place; an average divides by `contributors`.
 
     With a guard, a call the ranks disagree on raises on every rank (agreement.py), or, when
-    the only difference is that ranks have joined (join.py), is redone without them.
+    the only difference is that ranks have joined (join.py), is redone without them. `peers`:
+    `flat` as it lies in every node rank's shared window (a shared FlatBuffer), read in place.
     """
-    if not _attempt(flat, op, guard, contributors):
+    if not _attempt(flat, op, guard, contributors, peers):
         _, joined = guard.settle()          # raises on every rank, unless ranks have joined
         contributors = world().size - len(joined)
         if gpu.is_device_array(flat):   # joined ranks take part on the host: so do we
@@ -125,7 +133,8 @@ def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributo
             allreduce_flat_(flat, op, None, contributors)
 
 
-def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int) -> bool:
+def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int,
+             peers: list[np.ndarray] | None = None) -> bool:
     """One try; False (with `flat` untouched) when the opening found the ranks disagreeing."""
     if type(flat) is not np.ndarray and gpu.is_device_array(flat):
         return _attempt_device(flat, op, guard, contributors)
@@ -141,7 +150,7 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
             guard.agree()
             return not guard.bad
         return True
-    algorithm = choose(flat.nbytes, w.size, w.settings)
+    algorithm = choose(flat.nbytes, w.size, w.settings, w.node is not None)
     if guard is not None:
         if algorithm == "doubling" and w.settings.allreduce == "auto" and flat.nbytes <= guard.payload_limit:
             # Small: the buffer rides on the opening itself, and each rank reduces the p
@@ -159,9 +168,13 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
         guard.agree()
         if guard.bad:
             return False
+    reduce = ops.OPS[op]
+    if w.node is not None and algorithm in ("shared", "doubling"):
+        if algorithm == "shared" or w.single_node:
+            _shared(flat, reduce, prescale, opened=guard is not None, peers=peers)
+            return True
     if prescale:
         np.divide(flat, prescale, out=flat)
-    reduce = ops.OPS[op]
     if algorithm == "doubling":
         recursive_doubling_allreduce_(flat, w.comm, reduce, w.scratch(n, flat.dtype))
     elif algorithm == "pipelined":
@@ -172,6 +185,38 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
     else:
         ring_allreduce_(flat, w.comm, reduce, w.scratch(-(-n // w.size), flat.dtype))
     return True
+
+
+def shared_peers(flat: np.ndarray, op: str) -> list[np.ndarray] | None:
+    """`flat` in every node rank's shared window, if it lies in one (a shared FlatBuffer) and
+    is all-reduced in place there: on one node, large enough, and not an average of
+    float16 or integers (those take the copy-in path, pre-scaled or in parts)."""
+    w = world()
+    if not (w.windows and w.single_node) or flat.nbytes <= w.settings.small_bytes:
+        return None
+    if op == ops.Average and (flat.dtype.kind != "f" or flat.itemsize < 4):
+        return None
+    return peers_of(w.windows, flat)
+
+
+def _shared(flat: np.ndarray, reduce: np.ufunc, prescale: int, opened: bool,
+            peers: list[np.ndarray] | None) -> None:
+    """Through the node's shared memory (algorithms/shared.py): in place when `flat` lies in a
+    shared window (`peers`: a shared FlatBuffer), else copied in piece by piece; across nodes,
+    the hierarchical all-reduce. `opened`: the opening has just synced the node's ranks."""
+    w = world()
+    seg = w.node
+    if w.single_node and flat.nbytes <= seg.slot_bytes and flat.nbytes <= w.settings.small_bytes:
+        shared_gathered_allreduce_(flat, seg, reduce, prescale)     # (unguarded small calls)
+        return
+    if peers is not None:
+        # An average divides the sum afterwards here (the input must stay untouched until
+        # every rank has read it).
+        shared_allreduce_in_place_(flat, peers, seg, reduce, w.scratch(-(-flat.size // seg.size), flat.dtype),
+                                   opened=opened, postscale=prescale)
+        return
+    shared_allreduce_(flat, seg, reduce, w.scratch(seg.capacity(flat.itemsize), flat.dtype),
+                      w.rings, w.chunks, prescale)
 
 
 def _integer_average(flat: np.ndarray, guard: Checker | None, contributors: int) -> bool:
@@ -215,13 +260,15 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
     """Arm the agreement check (a tensor of `shape`, or `group` tensors of a fusion bucket
     whose shapes give `layout`), check finiteness if asked, reduce `flat`."""
     w = world()
-    guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout, name=name)
+    peers = shared_peers(flat, op) if w.windows else None      # (hot path) no windows, no look
+    guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout,
+                          place=peers is not None, name=name)
     if w.checker.finite and flat.dtype.kind == "f" and not gpu.array_module(flat).isfinite(flat).all():
         if guard is None:   # a single rank
             raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or "
                                      f"Inf in the input on rank {w.rank}")
         guard.poison(NONFINITE)
-    allreduce_flat_(flat, op, guard, w.size)
+    allreduce_flat_(flat, op, guard, w.size, peers)
 
 
 def reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None = None, *,

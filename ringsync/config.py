@@ -76,6 +76,7 @@ def env_bool(name: str, default: bool) -> bool:
 
 ALGORITHMS = ("auto", "doubling", "pipelined", "ring")
 TIMING_MODES = ("off", "passive", "barrier")
+TRANSPORTS = ("auto", "p2p", "shm")
 DEFAULT_SMALL_BYTES = 16 * 1024
 DEFAULT_SEGMENT_BYTES = 512 * 1024
 DEFAULT_FUSION_BYTES = 64 * 1024 * 1024
@@ -95,6 +96,9 @@ class Settings:
     timing_every: int = 1000                   # RINGSYNC_TIMING_EVERY
     cuda_aware: str = "auto"                   # RINGSYNC_CUDA_AWARE: auto, 0 or 1
     staging_segment: int = 1 << 20             # RINGSYNC_STAGING_SEGMENT (bytes)
+    transport: str = "auto"                    # RINGSYNC_TRANSPORT: auto, p2p or shm (within a node)
+    node_size: int = 0                         # RINGSYNC_NODE_SIZE: simulated nodes of k ranks (0: real)
+    shm_slot_bytes: int = 1 << 20              # RINGSYNC_SHM_SLOT_BYTES: a rank's shared slot
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -110,6 +114,9 @@ class Settings:
             timing_every=env_int("RINGSYNC_TIMING_EVERY", 1000),
             cuda_aware=env_str("RINGSYNC_CUDA_AWARE", "auto", ("auto", "0", "1")),
             staging_segment=env_int("RINGSYNC_STAGING_SEGMENT", 1 << 20, minimum=1),
+            transport=env_str("RINGSYNC_TRANSPORT", "auto", TRANSPORTS),
+            node_size=env_int("RINGSYNC_NODE_SIZE", 0),
+            shm_slot_bytes=env_int("RINGSYNC_SHM_SLOT_BYTES", 1 << 20, minimum=64),
         )
 
     def encode(self) -> bytes:

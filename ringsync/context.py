@@ -23,6 +23,7 @@ from .config import Settings
 if TYPE_CHECKING:
     from .agreement import Checker
     from .stall import Inspector
+    from .transport.shm import NodeSegment, SharedWindow
 
 
 class World:
@@ -50,6 +51,16 @@ class World:
         # and per device index, the reusable device and pinned buffers.
         self.device_transport: tuple[str, str] | None = None
         self.device_caches: dict[int, object] = {}
+        # Shared memory within a node (RINGSYNC_TRANSPORT, set up by startup.py): the node's
+        # segment; across nodes, G (the largest node's size: chunks per piece) and, for each
+        # chunk this rank owns, the ring of that chunk's owners on every node. `single_node`:
+        # every rank is on this one node (the opening then goes through the segment too).
+        # `windows`: the shared FlatBuffers' windows, whose all-reduces need no copy.
+        self.node: NodeSegment | None = None
+        self.single_node = False
+        self.chunks = 0
+        self.rings: list[tuple[int, MPI.Comm]] = []
+        self.windows: list[SharedWindow] = []
 
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
         """A reusable 1-D buffer of at least `count` elements: no allocation per call."""
@@ -66,12 +77,28 @@ class World:
     def free(self) -> None:
         if self.inspector is not None:
             self.inspector.stop()
+        self.free_shared_memory()
         for c in (self.local_comm, self.comm):
             if c != MPI.COMM_NULL:
                 c.Free()
         self._scratch.clear()
         self._views.clear()
         self.device_caches.clear()
+
+
+    def free_shared_memory(self) -> None:
+        """Free the shared windows and the rings (collective over the node: shutdown() calls it)."""
+        for window in self.windows:
+            window.free()
+        self.windows.clear()
+        if self.node is not None:
+            node_comm = self.node.comm
+            self.node.free()
+            node_comm.Free()
+            self.node = None
+        for _, ring in self.rings:
+            ring.Free()
+        self.rings.clear()
 
 
 _world: World | None = None

@@ -35,6 +35,7 @@ from . import ops, timing
 from .collectives import arguments_checked, check_inplace, layout_code, reduce_
 from .context import world
 from .transport.gpu import array_module, is_device_array, on_device_of
+from .transport.shm import SharedWindow
 
 
 def fusion_threshold(fusion_bytes: int | None = None) -> int:
@@ -245,17 +246,59 @@ class FlatBuffer:
     Put a model's gradients here and fusing them costs no copy: grouped_allreduce_(fb.views)
     reduces `flat` (in slices of at most the fusion threshold) where it lies, as PyTorch DDP's
     gradient_as_bucket_view does. `xp` is the array module (NumPy, or CuPy for GPU arrays).
+
+    shared=True puts `flat` in shared memory that the other ranks of the node can read
+    (with the shared-memory transport on; otherwise it changes nothing): its all-reduce then
+    reads the other ranks' buffers where they lie, with no copy at all (algorithms/shared.py).
+    Such a buffer is made collectively, by every rank at the same point with the same shapes,
+    and lives until close() (also collective; or `with`) or shutdown(), never until garbage
+    collection, which would come at different moments on different ranks. Its views must
+    not be used after that.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: object = np.float32, xp=np) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: object = np.float32, xp=np,
+                 shared: bool = False) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.offsets = [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
-        self.flat = xp.zeros(self.offsets[-1], dtype=dtype)
-        ops.check_dtype(self.flat.dtype, "dtype")
+        ops.check_dtype(np.dtype(dtype), "dtype")
+        self.window: SharedWindow | None = None
+        node = world().node if shared and xp is np else None
+        if node is not None:
+            dtype = np.dtype(dtype)
+            self.window = SharedWindow(node.comm, self.offsets[-1] * dtype.itemsize)
+            if not self.window.same_size:    # every rank sees every rank's size: all raise alike
+                self.window.free()
+                self.window = None
+                raise ValueError("a shared FlatBuffer needs the same shapes and dtype on every "
+                                 "rank of the node; the ranks' sizes differ")
+            self.flat = self.window.mine.view(dtype)
+            self.flat[...] = 0
+            world().windows.append(self.window)
+        else:
+            self.flat = xp.zeros(self.offsets[-1], dtype=dtype)
         self.views = FlatViews([self.flat[a:b].reshape(shape) for a, b, shape in
                                 zip(self.offsets, self.offsets[1:], self.shapes)], owner=self)
         self._buckets: dict[int, list] = {}
+
+    @property
+    def shared(self) -> bool:
+        """Whether `flat` lives in the node's shared memory."""
+        return self.window is not None
+
+    def close(self) -> None:
+        """Free a shared buffer's memory (collective over the node); nothing for a private one."""
+        if self.window is not None:
+            world().windows.remove(self.window)
+            self.window.free()
+            self.window = None
+            self._buckets.clear()
+
+    def __enter__(self) -> FlatBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return len(self.views)

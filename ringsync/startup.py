@@ -13,6 +13,7 @@ from mpi4py import MPI
 from . import config, context, stall
 from .agreement import Checker
 from .algorithms.ring import ring_allgather_
+from .transport.shm import NodeSegment, node_communicator
 
 SETTINGS_BYTES = 2048     # room for every rank's settings text, the same on every rank
 
@@ -39,7 +40,8 @@ def init(comm: MPI.Comm | None = None) -> None:
     except ValueError:
         w.free()
         raise
-    w.checker = Checker(w.comm, w.settings)
+    connect_nodes(w)
+    w.checker = Checker(w.comm, w.settings, segment=w.node if w.single_node else None)
     w.inspector = stall.start(w)
     context.set_world(w)
     context.install_abort_hook()
@@ -50,6 +52,39 @@ def shutdown() -> None:
     if context.is_initialized():
         context.world().free()
         context.set_world(None)
+
+
+def connect_nodes(w: context.World) -> None:
+    """Shared memory within each node, per RINGSYNC_TRANSPORT (collective).
+
+    auto and shm: every node gets a segment (transport/shm.py); auto only where some node
+    holds more than one rank. Across several nodes, each rank also gets, for every chunk it
+    owns, a communicator of that chunk's owners on every node (algorithms/shared.py).
+    """
+    settings = w.settings
+    if settings.transport == "p2p" or w.size == 1:
+        return
+    node_comm = node_communicator(w.comm, settings.node_size)
+    # Every rank's node (named by its lowest rank) and that node's size, shared by all.
+    leader = MPI.Group.Translate_ranks(node_comm.Get_group(), [0], w.comm.Get_group())[0]
+    rows = np.zeros((w.size, 2), dtype=np.int64)
+    rows[w.rank] = leader, node_comm.Get_size()
+    ring_allgather_(list(rows), w.comm, owned=w.rank)
+    leaders = sorted(set(rows[:, 0].tolist()))
+    chunks = int(rows[:, 1].max())
+    if settings.transport == "auto" and chunks == 1:    # nobody shares a node: nothing to gain
+        node_comm.Free()
+        return
+    w.node = NodeSegment(node_comm, settings.shm_slot_bytes)
+    w.single_node = len(leaders) == 1
+    w.chunks = chunks
+    if not w.single_node:
+        me, local = leaders.index(leader), node_comm.Get_rank()
+        for c in range(chunks):
+            owner = c % node_comm.Get_size() == local
+            ring = w.comm.Split(c if owner else MPI.UNDEFINED, me)
+            if owner:
+                w.rings.append((c, ring))
 
 
 def agreed_settings(comm: MPI.Comm) -> config.Settings:

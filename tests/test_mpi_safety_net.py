@@ -316,18 +316,43 @@ def messages_sent(rs, call):
 @pytest.mark.parametrize("nbytes", [4096, 1 << 20])
 def test_the_check_costs_at_most_ceil_log2_p_extra_hops(rs, nbytes):
     x = np.ones(nbytes // 4, dtype=np.float32)
-    checker = world().checker
-    on = messages_sent(rs, lambda: rs.allreduce_(x))
-    checker.enabled = False
-    try:
-        off = messages_sent(rs, lambda: rs.allreduce_(x))
-    finally:
-        checker.enabled = True
+    with ringsync_settings(RINGSYNC_TRANSPORT="p2p"):
+        checker = world().checker
+        on = messages_sent(rs, lambda: rs.allreduce_(x))
+        checker.enabled = False
+        try:
+            off = messages_sent(rs, lambda: rs.allreduce_(x))
+        finally:
+            checker.enabled = True
     extra = on - off
     limit = (P - 1).bit_length()             # ceil(log2 p)
     assert_everywhere(extra <= limit, f"{nbytes} B: {on} messages with the check, {off} without")
     if nbytes == 4096:                        # the small all-reduce rides on the opening alone
         assert_everywhere(on == limit, f"4 KB: {on} messages, want {limit}")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("nbytes", [4096, 1 << 20])
+def test_on_shared_memory_the_check_costs_one_sync_point_and_no_message(rs, nbytes):
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    with ringsync_settings(RINGSYNC_TRANSPORT="shm"):
+        checker, seg = world().checker, world().node
+
+        def syncs(call) -> tuple[int, int]:
+            before = seg.stage
+            sent = messages_sent(rs, call)
+            return sent, seg.stage - before
+
+        on = syncs(lambda: rs.allreduce_(x))
+        checker.enabled = False
+        try:
+            off = syncs(lambda: rs.allreduce_(x))
+        finally:
+            checker.enabled = True
+    assert_everywhere(on[0] == off[0] == 0, f"{nbytes} B: messages sent {on[0]} / {off[0]}")
+    assert_everywhere(on[1] - off[1] <= 1, f"{nbytes} B: {on[1]} sync points with the check, {off[1]} without")
+    if nbytes == 4096:                        # the small all-reduce rides on the opening alone
+        assert_everywhere(on[1] == 1, f"4 KB: {on[1]} sync points, want 1")
 
 
 @pytest.mark.mpi

@@ -1,0 +1,175 @@
+"""The shared-memory transport (transport/shm.py, algorithms/shared.py) on every path:
+
+  p2p         messages only (RINGSYNC_TRANSPORT=p2p): the path every other test now skips,
+              as auto picks shared memory whenever ranks share a node
+  pieces      one node, slots of 1 KB: every buffer crosses many pieces and both slot parities
+  nodes-of-2  RINGSYNC_NODE_SIZE=2: hierarchical, 2 nodes of 2 on 4 ranks, nodes of 2 and 1 on 3
+  nodes-of-1  every rank a node of its own: the ring across nodes carries everything
+
+and the zero-copy FlatBuffer (shared=True). Each configuration: every length, dtype and op
+against the oracle, bitwise identical everywhere; a mismatch and join() on its path.
+"""
+import numpy as np
+import pytest
+from mpi4py import MPI
+from mpitools import assert_everywhere, exact_integer_allreduce, ringsync_settings, same_bits_everywhere
+from test_mpi_allreduce import DTYPES, OPS, check_against_oracle, rank_data
+
+from ringsync.context import world
+
+COMM = MPI.COMM_WORLD
+R, P = COMM.rank, COMM.size
+LENGTHS = [0, 1, 2, 3, 7, 1001, 65537]
+
+CONFIGS = {
+    "p2p": dict(RINGSYNC_TRANSPORT="p2p"),
+    "pieces": dict(RINGSYNC_TRANSPORT="shm", RINGSYNC_SHM_SLOT_BYTES="1024"),
+    "nodes-of-2": dict(RINGSYNC_TRANSPORT="shm", RINGSYNC_NODE_SIZE="2", RINGSYNC_SHM_SLOT_BYTES="8192"),
+    "nodes-of-1": dict(RINGSYNC_TRANSPORT="shm", RINGSYNC_NODE_SIZE="1"),
+}
+
+
+def expected_shape(name: str) -> tuple[bool, bool]:
+    """(has a node segment, all ranks on one node) for a configuration on P ranks."""
+    if name == "p2p" or P == 1:
+        return False, False
+    if name == "nodes-of-2":
+        return True, P <= 2
+    if name == "nodes-of-1":
+        return True, False
+    return True, True
+
+
+@pytest.fixture(params=list(CONFIGS))
+def config(request, rs):
+    with ringsync_settings(**CONFIGS[request.param]):
+        w = world()
+        assert_everywhere((w.node is not None, w.single_node) == expected_shape(request.param),
+                          f"{request.param}: node {w.node is not None}, single node {w.single_node}")
+        yield request.param
+
+
+def raised_everywhere(call, error, match=""):
+    try:
+        call()
+    except error as exc:
+        return match in str(exc)
+    return False
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_length_and_op_on_every_path(rs, config, dtype):
+    for length in LENGTHS:
+        for op in OPS:
+            check_against_oracle(rs, rank_data((length,), dtype, seed=length), op)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_mismatch_raises_everywhere_on_every_path(rs, config):
+    for n in (100, 100_000):        # rides on the opening; opens, then the transport's path
+        size = n + (R == P - 1)
+        ok = raised_everywhere(lambda: rs.allreduce(np.ones(size, np.float32)), rs.MismatchError, "shape differs")
+        assert_everywhere(ok, f"{config}: {n} elements against {n + 1} did not raise everywhere")
+    got = rs.allreduce(np.full(70_000, R + 1.0))
+    assert_everywhere(np.array_equal(got, np.full(70_000, P * (P + 1) / 2)), "allreduce after a mismatch")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_join_on_every_path(rs, config):
+    ok = True
+    if R != P - 1:                  # the last rank has no work at all
+        for n in (5, 70_000):
+            got = rs.allreduce(np.full(n, R + 1.0), op="sum")
+            ok = ok and bool(np.all(got == (P - 1) * P / 2))
+    rs.join()
+    assert_everywhere(ok, f"{config}: a reduction with a joined rank gave the wrong result")
+
+
+# --- the zero-copy FlatBuffer ----------------------------------------------------------------
+
+SHAPES = [(300, 70), (70,), (0,), (13, 3, 2)]
+
+
+def shared_buffer(rs, dtype, seed):
+    fb = rs.FlatBuffer(SHAPES, dtype, shared=True)
+    fb.flat[...] = rank_data(fb.flat.shape, dtype, seed)
+    return fb
+
+
+@pytest.fixture
+def shm(rs):
+    with ringsync_settings(RINGSYNC_TRANSPORT="shm"):
+        yield
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "float16", "int64"])
+@pytest.mark.parametrize("op", OPS)
+def test_a_shared_flatbuffer_reduces_in_place_and_matches_the_copy_in_path(rs, shm, dtype, op):
+    with shared_buffer(rs, dtype, seed=5) as fb:
+        assert_everywhere(fb.shared == (P > 1), f"shared: {fb.shared}")
+        private = fb.flat.copy()
+        rs.allreduce_(private, op=op)                  # the copy-in path, same data
+        rs.grouped_allreduce_(fb.views, op=op)
+        got = fb.flat.copy()
+    if np.dtype(dtype).kind in "iu":
+        ok = np.array_equal(got, exact_integer_allreduce(rank_data(got.shape, dtype, 5), op))
+    elif op == "average":                             # divided after the sum here, before it there
+        ok = np.allclose(got, private, rtol=1e-3 if dtype != "float16" else 0, atol=1e-6)
+        ok = ok if dtype != "float16" else np.array_equal(got, private)    # float16: copy-in too
+    else:                                             # each element: rank 0 (op) rank 1 (op) ...
+        ok = np.array_equal(got, private)
+    assert_everywhere(ok, f"shared FlatBuffer {op} {dtype} differs from the copy-in path")
+    assert_everywhere(same_bits_everywhere(got), "results are not bitwise identical across ranks")
+
+
+@pytest.mark.mpi
+def test_a_rank_may_overwrite_its_shared_buffer_as_soon_as_the_call_returns(rs, shm):
+    ok = True
+    with rs.FlatBuffer([(1 << 18,)], np.float32, shared=True) as fb:
+        for step in range(20):
+            fb.flat[...] = R + step
+            rs.grouped_allreduce_(fb.views)
+            ok = ok and bool(np.all(fb.flat == P * step + P * (P - 1) / 2))
+            fb.flat[...] = np.nan                      # no other rank may still be reading it
+    assert_everywhere(ok, "a rank read another's buffer after the call had returned")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shared_against_private_memory_raises_everywhere(rs, shm):
+    with rs.FlatBuffer([(50_000,)], np.float32, shared=True) as fb:
+        views = fb.views if R == 0 else [np.ones(50_000, np.float32)]
+        ok = raised_everywhere(lambda: rs.grouped_allreduce_(views), rs.MismatchError, "buffer differs")
+    assert_everywhere(ok, "a shared buffer on one rank and private memory on another went through")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shared_buffers_of_different_sizes_raise_everywhere(rs, shm):
+    ok = raised_everywhere(lambda: rs.FlatBuffer([(10 + R,)], np.float32, shared=True), ValueError,
+                           "same shapes")
+    assert_everywhere(ok and not world().windows, "shared FlatBuffers of different sizes")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_join_while_others_reduce_a_shared_buffer(rs, shm):
+    with rs.FlatBuffer([(50_000,)], np.float64, shared=True) as fb:
+        ok = True
+        if R != P - 1:
+            fb.flat[...] = R + 1
+            rs.grouped_allreduce_(fb.views, op="average")
+            ok = bool(np.all(fb.flat == P / 2))         # the mean of 1 .. P-1
+        rs.join()
+    assert_everywhere(ok, "joined rank and shared buffer")
+
+
+@pytest.mark.mpi
+def test_close_and_shutdown_free_the_windows(rs, shm):
+    fb = rs.FlatBuffer([(10,)], np.float32, shared=True)
+    fb.close()
+    fb.close()                                          # idempotent
+    assert_everywhere(not world().windows and not fb.shared)
+    rs.FlatBuffer([(10,)], np.float32, shared=True)     # left open: shutdown frees it
+    rs.shutdown()
+    rs.init()
+    assert_everywhere(not world().windows)
