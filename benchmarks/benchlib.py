@@ -122,6 +122,11 @@ def interleaved(impls: dict[str, Callable[[], None]], rounds: int, iters: int, w
     return times
 
 
+def ringsync_env() -> dict[str, str]:
+    """Every RINGSYNC_* environment variable that is set, and its value: what the run was told."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RINGSYNC_")}
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     from mpi4py import MPI
@@ -212,9 +217,13 @@ def default_mpiexec() -> str:
 
 def write_results(args: Any, meta: dict[str, Any], rows: Sequence[dict[str, Any]],
                   draw: Callable[[Any], None]) -> None:
-    """Write the rows to whichever of --json, --csv and --plot were given (each atomically)."""
+    """Write the rows to whichever of --json, --csv and --plot were given (each atomically).
+
+    The JSON's meta gains `ringsync_env` (the RINGSYNC_* variables set), so a run says how it was configured.
+    """
     if args.json:
-        write_json(args.json, {"meta": meta, "results": rows})
+        write_json(args.json, {"meta": {**meta, "ringsync_env": meta.get("ringsync_env", ringsync_env())},
+                               "results": rows})
     if args.csv:
         write_csv(args.csv, rows)
     if args.plot:
