@@ -77,5 +77,9 @@ def test_fusion_runs(tmp_path):
     done = run_mpi(2, [str(ROOT / "benchmarks" / "fusion.py"), "-N", "8", "-S", "1K", "-n", "1", "-r", "1",
                        "-w", "0", "--json", str(out)], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    modes = [r["mode"] for r in json.loads(out.read_text())["results"]]
-    assert modes[:4] == ["one-by-one", "grouped", "grouped-views", "flat"] and "grouped@8K" in modes
+    rows = json.loads(out.read_text())["results"]
+    modes = [r["mode"] for r in rows]
+    assert modes[:5] == ["one-by-one", "grouped", "grouped-views", "flat", "horovod-cpu"] and "grouped@8K" in modes
+    # every mode but the threshold sweep agrees with a float64 reference sum, horovod-cpu included
+    assert all(r["check"] == "ok" for r in rows[:5]) and all(r["check"] == "-" for r in rows[5:])
+    assert next(r for r in rows if r["mode"] == "horovod-cpu")["over_horovod_cpu"] == 1.0
