@@ -244,11 +244,14 @@ def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) 
 
 
 def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: str,
-            need: str | None = None) -> str:
+            need: str | None = None, env_extra: dict[str, str] | None = None,
+            marker: str | None = None) -> str:
     """Run `python argv...` on `nranks` ranks with the project on PYTHONPATH; return its stdout.
 
     Raises RuntimeError with the job's last error line if it fails, runs past `timeout`, or
-    leaves no file at `need` (when given).
+    leaves no file at `need` (when given). `env_extra` is added to the job's environment;
+    with `marker`, the error line is the last stderr line containing it (the program's own,
+    not the launcher's notices), when there is one.
     """
     import shlex
     import subprocess
@@ -256,6 +259,7 @@ def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: st
     cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, *argv]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(env_extra or {})
     # One BLAS thread per rank (unless the caller says otherwise): K ranks then use K cores,
     # and a rank's spare BLAS threads cannot starve a neighbour busy-polling in MPI.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -265,7 +269,9 @@ def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: st
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{nranks}-rank {what} ran past {timeout:.0f} s") from None
     if done.returncode != 0 or (need is not None and not os.path.exists(need)):
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        lines = [line.strip().strip("\0") for line in done.stderr.splitlines() if line.strip().strip("\0")]
+        mine = [line for line in lines if marker and marker in line]
+        last = (mine or lines or ["(no output)"])[-1]
         raise RuntimeError(f"{nranks}-rank {what} failed (exit {done.returncode}): {last}")
     return done.stdout
 
