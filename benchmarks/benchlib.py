@@ -134,7 +134,7 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "cpu": _cpu_model(), "cores": os.cpu_count(), "numpy": np.__version__,
-        "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()), "mpi4py": _version("mpi4py"),
+        "mpi": " ".join(MPI.Get_library_version().replace("\0", "").splitlines()[0].split()), "mpi4py": _version("mpi4py"),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
@@ -274,6 +274,14 @@ def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: st
         last = (mine or lines or ["(no output)"])[-1]
         raise RuntimeError(f"{nranks}-rank {what} failed (exit {done.returncode}): {last}")
     return done.stdout
+
+
+def final_curve_only(steps: int) -> list[str]:
+    """ringsync-train flags for a learning curve of one point, the final model (where it has
+    --curve-every). Its default of about 40 points is evaluated on the whole data set after the
+    run, which can take longer than the run itself (45 s after 60 steps of scaling.py's model);
+    train_seconds, what the benchmarks read, never included it."""
+    return ["--curve-every", str(steps)] if train_supports("--curve-every") else []
 
 
 def train_supports(flag: str) -> bool:
