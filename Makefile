@@ -80,32 +80,73 @@ demo: $(VENV)/.installed
 demo-ring: $(VENV)/.installed
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n 4 $(PY) examples/ring_demo.py
 
-# Quick versions of the four benchmarks, on 2 ranks; results (txt, json, csv, png) and a
-# description of the machine go to $(BENCH_OUT). torch (for the gloo peer) is used if installed.
+# `make bench`: quick versions of the benchmarks on 2 ranks, measured on each MPI in BENCH_MPIS
+# (default both wheels), each in its own run with that MPI's own Allreduce as the peer:
+#   $(BENCH_OUT)/mpich/, $(BENCH_OUT)/openmpi/  MACHINE.md, allreduce, latency, fusion, train_step
+#                                               (txt, json, csv, png): `make bench-one MPI=...` alone
+#   $(BENCH_OUT)/allreduce_vs_mpis.md           ringsync beside each MPI, per size (compare_mpis.py)
+#   $(BENCH_OUT)/                               MACHINE.md, scaling, straggler: the trainer, run once
+#                                               on the first MPI of BENCH_MPIS (make bench-trainer)
+# torch (for the gloo peer) is used if installed. RINGSYNC_* variables set in the environment
+# reach every run, and each JSON records them. train_step.py measures the trainer under each
+# RINGSYNC_TRANSPORT in BENCH_TRANSPORTS; a transport that fails to start is reported in its
+# table and the rest of make bench goes on. About 4-5 minutes on 2 cores.
 BENCH_OUT ?= benchmarks/results
 BENCH_RANKS ?= 2
+BENCH_MPIS ?= pypi openmpi
+BENCH_TRANSPORTS ?= p2p,shm
+bench_name = $(if $(filter pypi,$(1)),mpich,$(1))
+BENCH_DIR = $(BENCH_OUT)/$(call bench_name,$(MPI))
+# Open MPI without its UCX one-sided component, which fails to start here and says so at length.
+BENCH_ENV = $(if $(filter openmpi,$(MPI)),OMPI_MCA_osc="$${OMPI_MCA_osc-^ucx}")
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[plot]'
 	touch $@
 
+.PHONY: bench-one bench-trainer
+
 bench: $(VENV)/.bench
+	@set -e; for m in $(BENCH_MPIS); do \
+	  echo "== make bench: MPI=$$m -> $(BENCH_OUT)/$$( [ $$m = pypi ] && echo mpich || echo $$m)/ =="; \
+	  $(MAKE) --no-print-directory bench-one MPI=$$m BENCH_OUT=$(BENCH_OUT); \
+	done
+	$(PY) benchmarks/compare_mpis.py --out $(BENCH_OUT)/allreduce_vs_mpis.md \
+	  $(foreach m,$(BENCH_MPIS),$(call bench_name,$(m))=$(BENCH_OUT)/$(call bench_name,$(m)))
+	@echo "== make bench: the trainer (scaling, straggler) on MPI=$(firstword $(BENCH_MPIS)) -> $(BENCH_OUT)/ =="
+	$(MAKE) --no-print-directory bench-trainer MPI=$(firstword $(BENCH_MPIS)) BENCH_OUT=$(BENCH_OUT)
+
+# One MPI's part: the sweep, 4 KB latency, fusion (with horovod-cpu) and the trainer step per transport.
+bench-one: $(VENV)/.bench
+	mkdir -p $(BENCH_DIR)
+	$(PY) benchmarks/describe_machine.py $(BENCH_DIR)/MACHINE.md
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
+	  -b 4K -e 64M -f 4 -n 50 -w 5 -r 9 --max-seconds 2 --json $(BENCH_DIR)/allreduce.json --csv $(BENCH_DIR)/allreduce.csv \
+	  --plot $(BENCH_DIR)/allreduce.png > $(BENCH_DIR)/allreduce.txt; s=$$?; cat $(BENCH_DIR)/allreduce.txt; exit $$s
+	# 4 KB latency on its own: many calls per round, and no gloo threads in the processes
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
+	  -b 4K -e 4K -n 300 -w 50 -r 15 --impls ringsync,teaching,mpi,ceiling --json $(BENCH_DIR)/latency.json \
+	  > $(BENCH_DIR)/latency.txt; s=$$?; cat $(BENCH_DIR)/latency.txt; exit $$s
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
+	  -N 256 -S 16K -r 9 --json $(BENCH_DIR)/fusion.json --csv $(BENCH_DIR)/fusion.csv \
+	  --plot $(BENCH_DIR)/fusion.png > $(BENCH_DIR)/fusion.txt; s=$$?; cat $(BENCH_DIR)/fusion.txt; exit $$s
+	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
+	# no train_step.json is left from an earlier run.
+	@rm -f $(BENCH_DIR)/train_step.json $(BENCH_DIR)/train_step.csv
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/train_step.py --ranks $(BENCH_RANKS) \
+	  --transports $(BENCH_TRANSPORTS) --rounds 3 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" \
+	  --json $(BENCH_DIR)/train_step.json --csv $(BENCH_DIR)/train_step.csv > $(BENCH_DIR)/train_step.txt; \
+	  s=$$?; cat $(BENCH_DIR)/train_step.txt; \
+	  if [ $$s -ne 0 ]; then echo "make bench: train_step.py exited $$s (see above); going on"; fi
+
+# The trainer's scaling and straggler benchmarks, on one MPI, into $(BENCH_OUT).
+bench-trainer: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/describe_machine.py $(BENCH_OUT)/MACHINE.md
-	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
-	  -b 4K -e 64M -f 4 -n 50 -w 5 -r 9 --max-seconds 2 --json $(BENCH_OUT)/allreduce.json --csv $(BENCH_OUT)/allreduce.csv \
-	  --plot $(BENCH_OUT)/allreduce.png > $(BENCH_OUT)/allreduce.txt; s=$$?; cat $(BENCH_OUT)/allreduce.txt; exit $$s
-	# 4 KB latency on its own: many calls per round, and no gloo threads in the processes
-	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
-	  -b 4K -e 4K -n 300 -w 50 -r 15 --impls ringsync,teaching,mpi,ceiling --json $(BENCH_OUT)/latency.json \
-	  > $(BENCH_OUT)/latency.txt; s=$$?; cat $(BENCH_OUT)/latency.txt; exit $$s
-	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
-	  -N 256 -S 16K -r 9 --json $(BENCH_OUT)/fusion.json --csv $(BENCH_OUT)/fusion.csv \
-	  --plot $(BENCH_OUT)/fusion.png > $(BENCH_OUT)/fusion.txt; s=$$?; cat $(BENCH_OUT)/fusion.txt; exit $$s
-	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 60 --rounds 3 \
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 60 --rounds 3 \
 	  --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/scaling.json --csv $(BENCH_OUT)/scaling.csv \
 	  --plot $(BENCH_OUT)/scaling.png > $(BENCH_OUT)/scaling.txt; s=$$?; cat $(BENCH_OUT)/scaling.txt; exit $$s
-	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \
 	  --steps 40 --rounds 2 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/straggler.json \
 	  --csv $(BENCH_OUT)/straggler.csv --plot $(BENCH_OUT)/straggler.png > $(BENCH_OUT)/straggler.txt; \
 	  s=$$?; cat $(BENCH_OUT)/straggler.txt; exit $$s

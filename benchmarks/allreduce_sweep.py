@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"benchmark": "allreduce_sweep", "ranks": p, "dtype": dtype.name, "iters": args.iters,
             "warmup": args.warmup_iters, "rounds": args.rounds, "machine": bl.machine(),
             "gloo": bool(gloo), "device": args.device, "torch": bl._version("torch") if gloo else None,
-            "settings": {k: v for k, v in os.environ.items() if k.startswith("RINGSYNC_")}}
+            "ringsync_env": bl.ringsync_env()}
     if rank == 0:
         print(f"# ringsync all-reduce sweep: {p} ranks, {dtype.name}, {args.iters} calls x {args.rounds} "
               f"interleaved rounds (+{args.warmup_iters} warm-up); times are medians over rounds")

@@ -122,6 +122,11 @@ def interleaved(impls: dict[str, Callable[[], None]], rounds: int, iters: int, w
     return times
 
 
+def ringsync_env() -> dict[str, str]:
+    """Every RINGSYNC_* environment variable that is set, and its value: what the run was told."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RINGSYNC_")}
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     from mpi4py import MPI
@@ -129,7 +134,7 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "cpu": _cpu_model(), "cores": os.cpu_count(), "numpy": np.__version__,
-        "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()), "mpi4py": _version("mpi4py"),
+        "mpi": " ".join(MPI.Get_library_version().replace("\0", "").splitlines()[0].split()), "mpi4py": _version("mpi4py"),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
@@ -212,9 +217,13 @@ def default_mpiexec() -> str:
 
 def write_results(args: Any, meta: dict[str, Any], rows: Sequence[dict[str, Any]],
                   draw: Callable[[Any], None]) -> None:
-    """Write the rows to whichever of --json, --csv and --plot were given (each atomically)."""
+    """Write the rows to whichever of --json, --csv and --plot were given (each atomically).
+
+    The JSON's meta gains `ringsync_env` (the RINGSYNC_* variables set), so a run says how it was configured.
+    """
     if args.json:
-        write_json(args.json, {"meta": meta, "results": rows})
+        write_json(args.json, {"meta": {**meta, "ringsync_env": meta.get("ringsync_env", ringsync_env())},
+                               "results": rows})
     if args.csv:
         write_csv(args.csv, rows)
     if args.plot:
@@ -235,11 +244,14 @@ def run_train(mpiexec: str, nranks: int, train_args: list[str], timeout: float) 
 
 
 def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: str,
-            need: str | None = None) -> str:
+            need: str | None = None, env_extra: dict[str, str] | None = None,
+            marker: str | None = None) -> str:
     """Run `python argv...` on `nranks` ranks with the project on PYTHONPATH; return its stdout.
 
     Raises RuntimeError with the job's last error line if it fails, runs past `timeout`, or
-    leaves no file at `need` (when given).
+    leaves no file at `need` (when given). `env_extra` is added to the job's environment;
+    with `marker`, the error line is the last stderr line containing it (the program's own,
+    not the launcher's notices), when there is one.
     """
     import shlex
     import subprocess
@@ -247,6 +259,7 @@ def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: st
     cmd = shlex.split(mpiexec) + ["-n", str(nranks), sys.executable, *argv]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(env_extra or {})
     # One BLAS thread per rank (unless the caller says otherwise): K ranks then use K cores,
     # and a rank's spare BLAS threads cannot starve a neighbour busy-polling in MPI.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -256,9 +269,19 @@ def run_job(mpiexec: str, nranks: int, argv: list[str], timeout: float, what: st
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{nranks}-rank {what} ran past {timeout:.0f} s") from None
     if done.returncode != 0 or (need is not None and not os.path.exists(need)):
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        lines = [line.strip().strip("\0") for line in done.stderr.splitlines() if line.strip().strip("\0")]
+        mine = [line for line in lines if marker and marker in line]
+        last = (mine or lines or ["(no output)"])[-1]
         raise RuntimeError(f"{nranks}-rank {what} failed (exit {done.returncode}): {last}")
     return done.stdout
+
+
+def final_curve_only(steps: int) -> list[str]:
+    """ringsync-train flags for a learning curve of one point, the final model (where it has
+    --curve-every). Its default of about 40 points is evaluated on the whole data set after the
+    run, which can take longer than the run itself (45 s after 60 steps of scaling.py's model);
+    train_seconds, what the benchmarks read, never included it."""
+    return ["--curve-every", str(steps)] if train_supports("--curve-every") else []
 
 
 def train_supports(flag: str) -> bool:

@@ -88,7 +88,8 @@ def main() -> int:
         print("(wait: mean over the ranks that were not injected as stragglers; expected: the delay, "
               "or m(H_p - 1) for exp jitter)")
         if args.json:
-            bl.write_json(args.json, {"ranks": p, "steps": args.steps, "rows": rows})
+            bl.write_json(args.json, {"ranks": p, "steps": args.steps, "rows": rows,
+                                      "ringsync_env": bl.ringsync_env()})
     return 0
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = max(args.ranks) * args.batch_size * 50  # 50 steps per epoch at the largest K
     train_args = ["--dataset", "synthetic", "--samples", str(samples), "--features", str(args.features),
                   "--hidden", args.hidden, "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-                  "--epochs", str(10 ** 6)]
+                  "--epochs", str(10 ** 6), *bl.final_curve_only(args.steps)]
     rates: dict[int, list[float]] = {k: [] for k in args.ranks}
     reports: dict[int, dict] = {}
     for _ in range(args.rounds):

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     delays = [float(d) for d in np.linspace(0.0, args.max_delay, args.points)] if args.points > 1 else [args.max_delay]
     samples = args.ranks * args.batch_size * 50
     base = ["--dataset", "synthetic", "--samples", str(samples), "--batch-size", str(args.batch_size),
-            "--max-steps", str(args.steps), "--epochs", str(10 ** 6)]
+            "--max-steps", str(args.steps), "--epochs", str(10 ** 6), *bl.final_curve_only(args.steps)]
     runs: dict[float, list[dict]] = {d: [] for d in delays}
     for _ in range(args.rounds):
         for d in delays:

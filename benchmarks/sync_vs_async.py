@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         bl.write_atomic(os.path.join(args.out, "sync_vs_async.txt"), text)
         meta = {"benchmark": "sync_vs_async", "ranks": p, "train_args": base, "scenarios": dict(scenarios),
-                "machine": bl.machine()}
+                "machine": bl.machine(), "ringsync_env": bl.ringsync_env()}
         bl.write_json(os.path.join(args.out, "sync_vs_async.json"),
                       {"meta": meta, "results": rows, "jitter_step_time": jitter["rows"]})
         bl.write_csv(os.path.join(args.out, "sync_vs_async.csv"),

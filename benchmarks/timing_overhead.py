@@ -105,7 +105,7 @@ def main() -> int:
         print(f"components: probes {1e6 * probe_s:.2f} us of CPU per step (passive and barrier); "
               f"barrier {1e6 * barrier_s:.2f} us per step (barrier mode only)")
         if args.json:
-            bl.write_json(args.json, result)
+            bl.write_json(args.json, {**result, "ringsync_env": bl.ringsync_env()})
     return 0
 
 

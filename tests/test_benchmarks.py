@@ -1,10 +1,11 @@
 """The benchmark harness: size parsing, CLI errors (exit 2, one line), and tiny end-to-end runs."""
 import json
+import shlex
 import subprocess
 import sys
 
 import pytest
-from mpitools import ROOT, run_mpi
+from mpitools import ROOT, mpiexec_command, run_mpi
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchlib as bl
@@ -47,6 +48,8 @@ def test_dtype_names():
     ("scaling.py", ["--ranks", "1,two"]),
     ("straggler.py", ["--ranks", "1"]),
     ("straggler.py", ["--ranks", "2", "--slow-rank", "5"]),
+    ("train_step.py", ["--transports", "p2p,tcp"]),
+    ("train_step.py", ["--transports", "p2p,p2p"]),
 ])
 def test_bad_cli_input_exits_2_with_one_line(script, args):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
@@ -77,5 +80,28 @@ def test_fusion_runs(tmp_path):
     done = run_mpi(2, [str(ROOT / "benchmarks" / "fusion.py"), "-N", "8", "-S", "1K", "-n", "1", "-r", "1",
                        "-w", "0", "--json", str(out)], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    modes = [r["mode"] for r in json.loads(out.read_text())["results"]]
-    assert modes[:4] == ["one-by-one", "grouped", "grouped-views", "flat"] and "grouped@8K" in modes
+    rows = json.loads(out.read_text())["results"]
+    modes = [r["mode"] for r in rows]
+    assert modes[:5] == ["one-by-one", "grouped", "grouped-views", "flat", "horovod-cpu"] and "grouped@8K" in modes
+    # every mode but the threshold sweep agrees with a float64 reference sum, horovod-cpu included
+    assert all(r["check"] == "ok" for r in rows[:5]) and all(r["check"] == "-" for r in rows[5:])
+    assert next(r for r in rows if r["mode"] == "horovod-cpu")["over_horovod_cpu"] == 1.0
+
+
+def test_train_step_reports_a_failing_transport_in_one_line(tmp_path):
+    """p2p is measured; shm is measured too once ringsync has it, else reported in one line, not a traceback."""
+    out = tmp_path / "step.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--transports", "p2p,shm",
+                           "--models", "digits", "--rounds", "1", "--steps", "2", "--warmup", "0",
+                           "--mpiexec", shlex.join(mpiexec_command()), "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    rows = {r["transport"]: r for r in result["results"]}
+    assert rows["p2p"]["model"] == "digits" and rows["p2p"]["params"] == 17226 and rows["p2p"]["step_ms"] > 0
+    if done.returncode == 0:
+        assert set(rows) == {"p2p", "shm"} and not result["meta"]["failures"]
+    else:
+        assert done.returncode == 1 and set(result["meta"]["failures"]) == {"shm"}
+        failed = [line for line in done.stdout.splitlines() if "NOT MEASURED" in line]
+        assert len(failed) == 1 and "RINGSYNC_TRANSPORT" in failed[0]
