@@ -76,16 +76,6 @@ def parse_args(argv: list[str] | None = None):
 
 # --- one launch: under mpiexec, with RINGSYNC_TRANSPORT set by the launcher ------------------
 
-def transport_known() -> bool:
-    """Whether this ringsync reads RINGSYNC_TRANSPORT at all (before it does, it has one transport)."""
-    from pathlib import Path
-
-    import ringsync
-
-    root = Path(ringsync.__file__).parent
-    return any("RINGSYNC_TRANSPORT" in f.read_text(encoding="utf-8", errors="ignore") for f in root.rglob("*.py"))
-
-
 def worker(args) -> int:
     from mpi4py import MPI
 
@@ -97,10 +87,6 @@ def worker(args) -> int:
         rs.init()
     except Exception as exc:  # noqa: BLE001 - ValueError for a bad RINGSYNC_*; reported in one line
         bl.fail(f"{PROG}: error: ringsync.init(): {exc}")
-    wanted = os.environ.get("RINGSYNC_TRANSPORT", "").strip().lower()
-    if wanted not in ("", "auto", "p2p") and not transport_known():
-        bl.fail(f"{PROG}: error: RINGSYNC_TRANSPORT={wanted}: this ringsync has no RINGSYNC_TRANSPORT "
-                "setting (only its MPI point-to-point transport)")
     comm = MPI.COMM_WORLD
     out = {"settings": world().settings.variables(), "ringsync_env": bl.ringsync_env(), "models": {}}
     for model in args.models:

@@ -154,7 +154,8 @@ class Checker:
     check is off), runs agree() (or rides on it), then settle() if `bad` was set.
     """
 
-    def __init__(self, comm: MPI.Comm, settings: Settings, segment: NodeSegment | None = None) -> None:
+    def __init__(self, comm: MPI.Comm, settings: Settings, segment: NodeSegment | None = None,
+                 small_bytes: int | None = None) -> None:
         self.comm = comm
         # With every rank on one node and the shared-memory transport, the opening is a sync
         # point on the node's segment instead of messages (_agree_shared).
@@ -177,8 +178,9 @@ class Checker:
         # largest blocks any rank may send, so no receive is ever too short.
         # The largest payload an opening carries: RINGSYNC_SMALL_BYTES, capped so that the p
         # blocks stay a modest buffer (a larger small all-reduce opens, then runs doubling).
-        self.payload_limit = min(settings.small_bytes, MAX_PAYLOAD_BYTES,
-                                 segment.slot_bytes if segment is not None else MAX_PAYLOAD_BYTES)
+        # (On one node in shared memory the payloads stay in the slots: no cap but the slot's.)
+        small = settings.small_bytes if small_bytes is None else small_bytes
+        self.payload_limit = min(small, MAX_PAYLOAD_BYTES) if segment is None else min(small, segment.slot_bytes)
         self.capacity = _pad8(self.payload_limit) + TRAILER_BYTES
         self.rounds = [(1 << k, min(1 << k, p - (1 << k))) for k in range(_ceil_log2(p))]
         self.blocks = np.zeros(p * self.capacity if p > 1 else 0, dtype=np.uint8)

@@ -95,19 +95,20 @@ arguments_checked = ArgumentsChecked()
 
 # --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
 
-def choose(nbytes: int, p: int, settings: Settings, shared: bool = False) -> str:
+def choose(nbytes: int, p: int, settings: Settings, shared: bool = False, small: int | None = None) -> str:
     """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'shared',
     'pipelined' or 'ring'.
 
     Small buffers: few messages (with the agreement check on, the gathered reduce riding on
-    its opening; else recursive doubling). With shared memory within the node (`shared`),
-    the rest goes through it (algorithms/shared.py). Otherwise the ring (least traffic),
+    its opening; else recursive doubling); `small` bytes at most (default RINGSYNC_SMALL_BYTES;
+    the World's, which is larger on one node in shared memory: config.small_limit). With
+    shared memory within the node (`shared`), the rest goes through it (algorithms/shared.py). Otherwise the ring (least traffic),
     pipelined only when a chunk spans several segments: below that, segments add messages
     and save nothing, as a one-segment chunk fits in the cache anyway.
     """
     if settings.allreduce != "auto":
         return settings.allreduce
-    if nbytes <= settings.small_bytes:
+    if nbytes <= (settings.small_bytes if small is None else small):
         return "doubling"
     if shared:
         return "shared"
@@ -150,7 +151,7 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
             guard.agree()
             return not guard.bad
         return True
-    algorithm = choose(flat.nbytes, w.size, w.settings, w.node is not None)
+    algorithm = choose(flat.nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
     if guard is not None:
         if algorithm == "doubling" and w.settings.allreduce == "auto" and flat.nbytes <= guard.payload_limit:
             # Small: the buffer rides on the opening itself, and each rank reduces the p
@@ -169,10 +170,9 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
         if guard.bad:
             return False
     reduce = ops.OPS[op]
-    if w.node is not None and algorithm in ("shared", "doubling"):
-        if algorithm == "shared" or w.single_node:
-            _shared(flat, reduce, prescale, opened=guard is not None, peers=peers)
-            return True
+    if algorithm == "shared" or (algorithm == "doubling" and w.single_node):
+        _shared(flat, reduce, prescale, opened=guard is not None, peers=peers)
+        return True
     if prescale:
         np.divide(flat, prescale, out=flat)
     if algorithm == "doubling":
@@ -192,7 +192,7 @@ def shared_peers(flat: np.ndarray, op: str) -> list[np.ndarray] | None:
     is all-reduced in place there: on one node, large enough, and not an average of
     float16 or integers (those take the copy-in path, pre-scaled or in parts)."""
     w = world()
-    if not (w.windows and w.single_node) or flat.nbytes <= w.settings.small_bytes:
+    if not (w.windows and w.single_node) or flat.nbytes <= w.small_bytes:
         return None
     if op == ops.Average and (flat.dtype.kind != "f" or flat.itemsize < 4):
         return None
@@ -206,7 +206,7 @@ def _shared(flat: np.ndarray, reduce: np.ufunc, prescale: int, opened: bool,
     the hierarchical all-reduce. `opened`: the opening has just synced the node's ranks."""
     w = world()
     seg = w.node
-    if w.single_node and flat.nbytes <= seg.slot_bytes and flat.nbytes <= w.settings.small_bytes:
+    if w.single_node and flat.nbytes <= w.small_bytes:
         shared_gathered_allreduce_(flat, seg, reduce, prescale)     # (unguarded small calls)
         return
     if peers is not None:

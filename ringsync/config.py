@@ -99,6 +99,7 @@ class Settings:
     transport: str = "auto"                    # RINGSYNC_TRANSPORT: auto, p2p or shm (within a node)
     node_size: int = 0                         # RINGSYNC_NODE_SIZE: simulated nodes of k ranks (0: real)
     shm_slot_bytes: int = 1 << 20              # RINGSYNC_SHM_SLOT_BYTES: a rank's shared slot
+    shm_small_bytes: int = 1 << 18             # RINGSYNC_SHM_SMALL_BYTES: gathered bytes per rank
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -117,7 +118,17 @@ class Settings:
             transport=env_str("RINGSYNC_TRANSPORT", "auto", TRANSPORTS),
             node_size=env_int("RINGSYNC_NODE_SIZE", 0),
             shm_slot_bytes=env_int("RINGSYNC_SHM_SLOT_BYTES", 1 << 20, minimum=64),
+            shm_small_bytes=env_int("RINGSYNC_SHM_SMALL_BYTES", 1 << 18),
         )
+
+    def small_limit(self, p: int, shared_node: bool, slot_bytes: int = 0) -> int:
+        """The largest all-reduce (bytes) that rides on the opening, every rank reducing all p
+        buffers: RINGSYNC_SMALL_BYTES; with every rank on one node in shared memory, also any
+        buffer whose p-1 other copies, read by each rank, total at most RINGSYNC_SHM_SMALL_BYTES
+        (reading a neighbour's memory costs no message), within one slot."""
+        if not shared_node or p < 2:
+            return self.small_bytes
+        return min(max(self.small_bytes, self.shm_small_bytes // (p - 1)), slot_bytes)
 
     def encode(self) -> bytes:
         """The settings as text, one `VARIABLE=value` per line: what ranks compare at init()."""

@@ -41,6 +41,7 @@ class World:
         # Set by init() (startup.py): the settings every rank shares (read once, compared
         # across ranks, frozen), the cross-rank agreement check, the stall inspector.
         self.settings: Settings = Settings()
+        self.small_bytes = self.settings.small_bytes   # the opening's payload limit (startup.py)
         self.checker: Checker | None = None
         self.inspector: Inspector | None = None
         self._scratch: dict[np.dtype, np.ndarray] = {}

@@ -294,7 +294,7 @@ class FlatBuffer:
             self.window = None
             self._buckets.clear()
 
-    def __enter__(self) -> FlatBuffer:
+    def __enter__(self) -> FlatBuffer:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -41,7 +41,9 @@ def init(comm: MPI.Comm | None = None) -> None:
         w.free()
         raise
     connect_nodes(w)
-    w.checker = Checker(w.comm, w.settings, segment=w.node if w.single_node else None)
+    w.small_bytes = w.settings.small_limit(w.size, w.single_node, w.node.slot_bytes if w.node else 0)
+    w.checker = Checker(w.comm, w.settings, segment=w.node if w.single_node else None,
+                        small_bytes=w.small_bytes)
     w.inspector = stall.start(w)
     context.set_world(w)
     context.install_abort_hook()

@@ -125,6 +125,12 @@ def test_choice_by_size_and_override():
     assert choose(3000, 3, settings) == "ring"
     assert choose(10, 2, replace(settings, allreduce="ring")) == "ring"
     assert choose(10**9, 2, replace(settings, allreduce="doubling")) == "doubling"
+    assert choose(5000, 2, settings, shared=True, small=8000) == "doubling"   # gathered on the opening
+    assert choose(9000, 2, settings, shared=True, small=8000) == "shared"
+    assert settings.small_limit(2, True, 1 << 20) == 1 << 18      # RINGSYNC_SHM_SMALL_BYTES / (p-1)
+    assert settings.small_limit(5, True, 1 << 20) == 1 << 16
+    assert settings.small_limit(2, True, 4096) == 4096             # within one slot
+    assert settings.small_limit(2, False, 1 << 20) == 100
 
 
 def test_bad_setting_names_the_variable(monkeypatch):

@@ -359,7 +359,7 @@ def test_on_shared_memory_the_check_costs_one_sync_point_and_no_message(rs, nbyt
 def test_small_buffers_above_the_opening_payload_limit(rs):
     # RINGSYNC_SMALL_BYTES beyond what an opening carries: such buffers open with the trailer
     # alone, then run recursive doubling; mismatches still raise everywhere.
-    with ringsync_settings(RINGSYNC_SMALL_BYTES=str(1 << 20)):
+    with ringsync_settings(RINGSYNC_SMALL_BYTES=str(1 << 20), RINGSYNC_TRANSPORT="p2p"):
         assert_everywhere(world().checker.payload_limit < (1 << 20))
         x = np.full(100_000, R + 1, dtype=np.float32)          # 400 KB
         assert_everywhere(np.array_equal(rs.allreduce(x), np.full(100_000, P * (P + 1) / 2, np.float32)))

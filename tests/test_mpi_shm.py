@@ -22,10 +22,10 @@ R, P = COMM.rank, COMM.size
 LENGTHS = [0, 1, 2, 3, 7, 1001, 65537]
 
 CONFIGS = {
-    "p2p": dict(RINGSYNC_TRANSPORT="p2p"),
-    "pieces": dict(RINGSYNC_TRANSPORT="shm", RINGSYNC_SHM_SLOT_BYTES="1024"),
-    "nodes-of-2": dict(RINGSYNC_TRANSPORT="shm", RINGSYNC_NODE_SIZE="2", RINGSYNC_SHM_SLOT_BYTES="8192"),
-    "nodes-of-1": dict(RINGSYNC_TRANSPORT="shm", RINGSYNC_NODE_SIZE="1"),
+    "p2p": {"RINGSYNC_TRANSPORT": "p2p"},
+    "pieces": {"RINGSYNC_TRANSPORT": "shm", "RINGSYNC_SHM_SLOT_BYTES": "1024"},
+    "nodes-of-2": {"RINGSYNC_TRANSPORT": "shm", "RINGSYNC_NODE_SIZE": "2", "RINGSYNC_SHM_SLOT_BYTES": "8192"},
+    "nodes-of-1": {"RINGSYNC_TRANSPORT": "shm", "RINGSYNC_NODE_SIZE": "1"},
 }
 
 
@@ -68,8 +68,8 @@ def test_every_length_and_op_on_every_path(rs, config, dtype):
 @pytest.mark.mpi(min_size=2)
 def test_a_mismatch_raises_everywhere_on_every_path(rs, config):
     for n in (100, 100_000):        # rides on the opening; opens, then the transport's path
-        size = n + (R == P - 1)
-        ok = raised_everywhere(lambda: rs.allreduce(np.ones(size, np.float32)), rs.MismatchError, "shape differs")
+        x = np.ones(n + (R == P - 1), np.float32)
+        ok = raised_everywhere(lambda x=x: rs.allreduce(x), rs.MismatchError, "shape differs")
         assert_everywhere(ok, f"{config}: {n} elements against {n + 1} did not raise everywhere")
     got = rs.allreduce(np.full(70_000, R + 1.0))
     assert_everywhere(np.array_equal(got, np.full(70_000, P * (P + 1) / 2)), "allreduce after a mismatch")
@@ -138,8 +138,8 @@ def test_a_rank_may_overwrite_its_shared_buffer_as_soon_as_the_call_returns(rs, 
 
 @pytest.mark.mpi(min_size=2)
 def test_shared_against_private_memory_raises_everywhere(rs, shm):
-    with rs.FlatBuffer([(50_000,)], np.float32, shared=True) as fb:
-        views = fb.views if R == 0 else [np.ones(50_000, np.float32)]
+    with rs.FlatBuffer([(100_000,)], np.float32, shared=True) as fb:   # above the small limit
+        views = fb.views if R == 0 else [np.ones(100_000, np.float32)]
         ok = raised_everywhere(lambda: rs.grouped_allreduce_(views), rs.MismatchError, "buffer differs")
     assert_everywhere(ok, "a shared buffer on one rank and private memory on another went through")
 

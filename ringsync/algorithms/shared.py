@@ -5,7 +5,8 @@ replaced by reads of the other ranks' memory (transport/shm.py's segment).
 
 Within one node of L ranks, for each piece of the buffer that fits a slot:
 
-  1. copy in     every rank copies its piece into its own slot;          sync
+  1. copy in     every rank copies its piece into its own slot (the chunks it reduces
+                 itself it reads where they are, and skips);             sync
   2. reduce      the piece is cut into chunks; the owner of a chunk reads that chunk from
                  all L slots, reduces them in rank order and writes the result into its
                  own slot;                                                   sync
@@ -88,16 +89,21 @@ def shared_allreduce_(flat: np.ndarray, seg: NodeSegment, reduce: np.ufunc, scra
         m = part.size
         parity = seg.begin()
         slots = seg.views(parity, flat.dtype, m)
+        bounds = chunk_bounds(m, chunks)
         if prescale:                                    # 1. copy in (divided, for an average)
             np.divide(part, prescale, out=slots[me])
-        else:
-            slots[me][...] = part
+        else:                                           # only the chunks others reduce: this
+            for c, (lo, hi) in enumerate(bounds):       # rank reads its own from `part`
+                if c % L != me:
+                    slots[me][lo:hi] = part[lo:hi]
         seg.sync()
-        bounds = chunk_bounds(m, chunks)
         for c in mine:                                  # 2. reduce the chunks this rank owns
             lo, hi = bounds[c]
             if hi > lo:
-                reduce_into_(slots[me][lo:hi], [s[lo:hi] for s in slots], reduce, scratch)
+                operands = [s[lo:hi] for s in slots]
+                if not prescale:
+                    operands[me] = part[lo:hi]
+                reduce_into_(slots[me][lo:hi], operands, reduce, scratch)
                 ring = ring_of.get(c)
                 if ring is not None:                    # ... and across nodes
                     ring_allreduce_(slots[me][lo:hi], ring, reduce, scratch)

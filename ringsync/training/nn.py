@@ -21,13 +21,15 @@ class Params:
     """Named parameters and their gradients, stored as views into two flat buffers."""
 
     def __init__(self, specs: Sequence[tuple[str, tuple[int, ...]]], dtype: object = np.float32,
-                 xp=np) -> None:
+                 xp=np, shared_grads: bool = False) -> None:
         self.names = [name for name, _ in specs]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"parameter names must be unique, got {self.names}")
         shapes = [shape for _, shape in specs]
         self._values = FlatBuffer(shapes, dtype, xp)
-        self._grads = FlatBuffer(shapes, dtype, xp)
+        # shared_grads: the gradients in the node's shared memory, where the all-reduce reads
+        # the other ranks' in place (FlatBuffer(shared=True); collective: every rank at once)
+        self._grads = FlatBuffer(shapes, dtype, xp, shared=shared_grads)
         self.value = dict(zip(self.names, self._values.views))
         self.grad = dict(zip(self.names, self._grads.views))
 
@@ -40,6 +42,10 @@ class Params:
     def flat_grad(self):
         """All gradients as one flat array (views in `grad` share its memory)."""
         return self._grads.flat
+
+    def close(self) -> None:
+        """Free shared gradient memory (collective); the views must not be used afterwards."""
+        self._grads.close()
 
     def grads(self) -> FlatViews:
         """The gradient views, in order: back to back in memory (fusion reduces them with no copy)."""
@@ -113,7 +119,8 @@ class MLP:
     NumPy on the host, then copied into `xp` arrays), biases at zero.
     """
 
-    def __init__(self, sizes: Sequence[int], seed: int = 0, dtype: object = np.float32, xp=np) -> None:
+    def __init__(self, sizes: Sequence[int], seed: int = 0, dtype: object = np.float32, xp=np,
+                 shared_grads: bool = False) -> None:
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must be at least [inputs, classes], all >= 1, got {sizes}")
@@ -121,7 +128,7 @@ class MLP:
         specs = []
         for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
             specs += [(f"fc{i}.weight", (n_in, n_out)), (f"fc{i}.bias", (n_out,))]
-        self.params = Params(specs, dtype, xp)
+        self.params = Params(specs, dtype, xp, shared_grads=shared_grads)
         rng = np.random.default_rng(seed)
         self.layers: list = []
         for i, n_in in enumerate(sizes[:-1]):

@@ -198,7 +198,10 @@ class Trainer:
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.sizes = [data.features, *args.hidden, data.classes]
-        self.model = MLP(self.sizes, seed=args.seed, dtype=args.dtype, xp=xp)
+        # bsp all-reduces the gradients where they lie: in the node's shared memory when the
+        # shared-memory transport is on (zero-copy; otherwise this changes nothing)
+        self.model = MLP(self.sizes, seed=args.seed, dtype=args.dtype, xp=xp,
+                         shared_grads=args.sync.kind == "bsp")
         self.params = self.model.params
         fusion_bytes = None if args.fusion_mb is None else int(args.fusion_mb * 2**20)
         self.optimizer = DistributedOptimizer(
@@ -435,6 +438,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
                 print(sync.format_timing(straggler_report), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
                   f"{'yes' if identical else 'NO'} (sha256 {digest[:16]})", flush=True)
+    trainer.params.close()
     return 0 if identical else 1
 
 

@@ -8,9 +8,10 @@ microseconds and a counter in shared memory costs a fraction of one.
 
 The segment, per rank of the node:
 
-    control line (128 bytes)   stage: how many sync points this rank has passed
-                               two trailers (the agreement check's, see agreement.py),
-                               one per episode parity
+    control line 0, line 1     64 bytes each, one per episode parity: the stage (how many
+                               sync points this rank has passed) and the agreement check's
+                               trailer (agreement.py), in one cache line, so that one
+                               transfer between cores brings both
     slot 0, slot 1             data, `slot_bytes` each, used on alternate episodes
 
 An *episode* is one use of the slots: write into my slot, sync, read the others' slots
@@ -44,10 +45,9 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
-CONTROL_BYTES = 128         # a control line per rank: two cache lines, nothing shared with data
-STAGE = 0                   # int64 word 0 of a control line
-TRAILER_OFFSET = 16         # the two trailers follow, TRAILER_SLOT bytes apart
-TRAILER_SLOT = 48
+LINE_BYTES = 64             # a control line: the stage (int64), then the trailer (32 bytes)
+CONTROL_BYTES = 2 * LINE_BYTES
+TRAILER_OFFSET, TRAILER_BYTES = 8, 32
 # Where the processor may reorder memory operations beyond x86-TSO, sync points fence.
 FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
 SPINS_BEFORE_YIELD = 200    # ~20-40 us of looking before a waiting rank yields its core
@@ -114,11 +114,12 @@ class NodeSegment:
         self.window = SharedWindow(node_comm, CONTROL_BYTES + 2 * slot_bytes)
         self.sync_memory = self.window.win.Sync if FENCE else _no_fence
         parts = self.window.peers
-        self.stages = [part[:8].view(np.int64) for part in parts]   # every rank's counter
-        self._my_stage = self.stages[self.rank]
-        self._others = [self.stages[q] for q in range(self.size) if q != self.rank]
-        # trailers[parity][q]: rank q's trailer for episodes of that parity, as a buffer
-        self.trailers = [[part[TRAILER_OFFSET + k * TRAILER_SLOT:TRAILER_OFFSET + (k + 1) * TRAILER_SLOT]
+        # stages[parity][q]: rank q's stage in its control line of that parity; trailers likewise
+        self.stages = [[part[k * LINE_BYTES:k * LINE_BYTES + 8].view(np.int64) for part in parts]
+                       for k in (0, 1)]
+        self._others = [[line for q, line in enumerate(lines) if q != self.rank] for lines in self.stages]
+        start = TRAILER_OFFSET
+        self.trailers = [[part[k * LINE_BYTES + start:k * LINE_BYTES + start + TRAILER_BYTES]
                           for part in parts] for k in (0, 1)]
         # slots[parity][q]: rank q's data slot of that parity
         self.slots = [[part[CONTROL_BYTES + k * slot_bytes:CONTROL_BYTES + (k + 1) * slot_bytes]
@@ -135,11 +136,15 @@ class NodeSegment:
         return self.episode & 1
 
     def sync(self) -> None:
-        """Publish that this rank has reached the next sync point; wait for every rank of the node."""
+        """Publish that this rank has reached the next sync point; wait for every rank of the node.
+
+        The stage goes into the control line of the current episode's parity (every rank is in
+        the same episode), beside that episode's trailer."""
         self.stage = target = self.stage + 1
+        parity = self.episode & 1
         self.sync_memory()              # my writes first, then the counter that announces them
-        self._my_stage[0] = target
-        for other in self._others:
+        self.stages[parity][self.rank][0] = target
+        for other in self._others[parity]:
             if other[0] < target:
                 _wait_for(other, target)
         self.sync_memory()              # their writes, announced by their counters, are visible
