@@ -20,6 +20,9 @@ MPIEXEC_FLAGS ?= --oversubscribe$(if $(filter 0,$(shell id -u)), --allow-run-as-
 # Waiting ranks yield the core instead of busy-polling: with more ranks than free cores this makes
 # the MPI tests 3-5x faster (measured on 2 shared cores, 2 and 4 ranks).
 export OMPI_MCA_mpi_yield_when_idle ?= 1
+# No UCX one-sided component: it prints an error line for every shared-memory window
+# (docs/shared-memory.md). ringsync sets it on import; pytest-mpi imports mpi4py before that.
+export OMPI_MCA_osc ?= ^ucx
 else ifeq ($(MPI),system)
 VENV       ?= .venv
 MPI_WHEEL  :=
