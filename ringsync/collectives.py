@@ -151,9 +151,9 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
             guard.agree()
             return not guard.bad
         return True
-    algorithm = choose(flat.nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
     if guard is not None:
-        if algorithm == "doubling" and w.settings.allreduce == "auto" and flat.nbytes <= guard.payload_limit:
+        # (hot path: choose() would say "doubling": payload_limit <= the small limit)
+        if flat.nbytes <= guard.payload_limit and w.settings.allreduce == "auto":
             # Small: the buffer rides on the opening itself, and each rank reduces the p
             # gathered buffers in rank order (algorithms/gathered.py). No extra message.
             slots = guard.slots(flat.dtype, n)
@@ -169,6 +169,7 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
         guard.agree()
         if guard.bad:
             return False
+    algorithm = choose(flat.nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
     reduce = ops.OPS[op]
     if algorithm == "shared" or (algorithm == "doubling" and w.single_node):
         _shared(flat, reduce, prescale, opened=guard is not None, peers=peers)

@@ -115,11 +115,12 @@ class NodeSegment:
         self.sync_memory = self.window.win.Sync if FENCE else _no_fence
         parts = self.window.peers
         # stages[parity][q]: rank q's stage in its control line of that parity; trailers likewise
-        self.stages = [[part[k * LINE_BYTES:k * LINE_BYTES + 8].view(np.int64) for part in parts]
+        # (memoryviews: reading or writing one item costs a third of a NumPy scalar's)
+        self.stages = [[memoryview(part[k * LINE_BYTES:k * LINE_BYTES + 8]).cast("q") for part in parts]
                        for k in (0, 1)]
         self._others = [[line for q, line in enumerate(lines) if q != self.rank] for lines in self.stages]
         start = TRAILER_OFFSET
-        self.trailers = [[part[k * LINE_BYTES + start:k * LINE_BYTES + start + TRAILER_BYTES]
+        self.trailers = [[memoryview(part[k * LINE_BYTES + start:k * LINE_BYTES + start + TRAILER_BYTES])
                           for part in parts] for k in (0, 1)]
         # slots[parity][q]: rank q's data slot of that parity
         self.slots = [[part[CONTROL_BYTES + k * slot_bytes:CONTROL_BYTES + (k + 1) * slot_bytes]
@@ -142,12 +143,14 @@ class NodeSegment:
         the same episode), beside that episode's trailer."""
         self.stage = target = self.stage + 1
         parity = self.episode & 1
-        self.sync_memory()              # my writes first, then the counter that announces them
+        if FENCE:
+            self.sync_memory()          # my writes first, then the counter that announces them
         self.stages[parity][self.rank][0] = target
         for other in self._others[parity]:
             if other[0] < target:
                 _wait_for(other, target)
-        self.sync_memory()              # their writes, announced by their counters, are visible
+        if FENCE:
+            self.sync_memory()          # their writes, announced by their counters, are visible
 
     # -- typed views ---------------------------------------------------------------------------
 
@@ -178,6 +181,9 @@ class NodeSegment:
 
     def free(self) -> None:
         self._typed.clear()
+        for views in (*self.stages, *self.trailers):
+            for view in views:
+                view.release()          # (no export may outlive the window)
         self.stages, self._others, self.trailers, self.slots = [], [], [], []
         self.window.free()
 
@@ -186,7 +192,7 @@ def _no_fence() -> None:
     """x86-TSO orders what a sync point needs (module docstring)."""
 
 
-def _wait_for(counter: np.ndarray, target: int) -> None:
+def _wait_for(counter: memoryview, target: int) -> None:
     """Until counter[0] >= target: spin a little, then yield the core between looks."""
     spins = 0
     while counter[0] < target:
