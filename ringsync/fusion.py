@@ -289,8 +289,9 @@ class FlatBuffer:
     def close(self) -> None:
         """Free a shared buffer's memory (collective over the node); nothing for a private one."""
         if self.window is not None:
-            world().windows.remove(self.window)
-            self.window.free()
+            if self.window.win is not None:     # (shutdown() may have freed it already)
+                world().windows.remove(self.window)
+                self.window.free()
             self.window = None
             self._buckets.clear()
 
