@@ -93,7 +93,7 @@ class Call(NamedTuple):
     root: int = -1
     group: int = 1          # tensors fused into the buffer
     layout: int = 0         # a code for those tensors' shapes
-    place: int = 0          # 1: the buffer lies in a shared window (read in place by the others)
+    place: int = 0          # where a buffer read in place lies: (shared window + 1) << 40 | offset; 0 private
     name: str | None = None
 
 
@@ -405,7 +405,8 @@ def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
             ("root", lambda row: str(row["root"])),
             ("tensor count", lambda row: str(row["group"])),
             ("tensor shapes in the group", lambda row: f"layout {int(row['layout']) & 0xffffffff:08x}"),
-            ("buffer", lambda row: "a shared FlatBuffer's" if row["place"] else "private memory"),
+            ("buffer", lambda row: (f"shared window #{int(row['place']) >> 40}, byte {int(row['place']) & ((1 << 40) - 1)}"
+                                    if row["place"] else "private memory")),
             ("name", lambda row: repr(_name(row))),
         ]
     out = []

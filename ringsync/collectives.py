@@ -188,12 +188,13 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
     return True
 
 
-def shared_peers(flat: np.ndarray, op: str) -> list[np.ndarray] | None:
+def shared_peers(flat: np.ndarray, op: str) -> tuple[list[np.ndarray], int] | None:
     """`flat` in every node rank's shared window, if it lies in one (a shared FlatBuffer) and
     is all-reduced in place there: on one node, large enough, and not an average of
-    float16 or integers (those take the copy-in path, pre-scaled or in parts)."""
+    float16 or integers (those take the copy-in path, pre-scaled or in parts). Also the code
+    of where it lies (transport/shm.py's peers_of), for the agreement check."""
     w = world()
-    if not (w.windows and w.single_node) or flat.nbytes <= w.small_bytes:
+    if type(flat) is not np.ndarray or not (w.windows and w.single_node) or flat.nbytes <= w.small_bytes:
         return None
     if op == ops.Average and (flat.dtype.kind != "f" or flat.itemsize < 4):
         return None
@@ -261,9 +262,10 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
     """Arm the agreement check (a tensor of `shape`, or `group` tensors of a fusion bucket
     whose shapes give `layout`), check finiteness if asked, reduce `flat`."""
     w = world()
-    peers = shared_peers(flat, op) if w.windows else None      # (hot path) no windows, no look
+    shared = shared_peers(flat, op) if w.windows else None     # (hot path) no windows, no look
+    peers, place = shared if shared is not None else (None, 0)
     guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout,
-                          place=peers is not None, name=name)
+                          place=place, name=name)
     if w.checker.finite and flat.dtype.kind == "f" and not gpu.array_module(flat).isfinite(flat).all():
         if guard is None:   # a single rank
             raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or "

@@ -173,3 +173,12 @@ def test_close_and_shutdown_free_the_windows(rs, shm):
     rs.shutdown()
     rs.init()
     assert_everywhere(not world().windows)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_different_shared_buffers_raise_everywhere(rs, shm):
+    # The others read a rank's buffer where its own lies: ranks must pass the same one.
+    with rs.FlatBuffer([(100_000,), (100_000,)], np.float32, shared=True) as fb:
+        view = fb.views[R % 2]
+        ok = raised_everywhere(lambda: rs.grouped_allreduce_([view]), rs.MismatchError, "buffer differs")
+    assert_everywhere(ok, "different views of one shared FlatBuffer went through")

@@ -201,12 +201,14 @@ def _wait_for(counter: memoryview, target: int) -> None:
             os.sched_yield()
 
 
-def peers_of(windows: Sequence[SharedWindow], a: np.ndarray) -> list[np.ndarray] | None:
-    """`a` as it lies in every node rank's part of the shared window that holds it: the same
-    offset in each (a FlatBuffer has the same layout on every rank); None if no window holds it."""
-    for window in windows:
+def peers_of(windows: Sequence[SharedWindow], a: np.ndarray) -> tuple[list[np.ndarray], int] | None:
+    """`a` as it lies in every node rank's part of the shared window that holds it (the same
+    offset in each: a FlatBuffer has the same layout on every rank), and a code for where:
+    (window's position + 1) << 40 | byte offset, which the agreement check compares, so
+    ranks passing different buffers raise. None if no window holds `a`."""
+    for index, window in enumerate(windows):
         offset = window.offset_of(a)
         if offset >= 0:
             n = a.nbytes
-            return [part[offset:offset + n].view(a.dtype) for part in window.peers]
+            return [part[offset:offset + n].view(a.dtype) for part in window.peers], (index + 1) << 40 | offset
     return None
