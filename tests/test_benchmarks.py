@@ -88,8 +88,8 @@ def test_fusion_runs(tmp_path):
     assert next(r for r in rows if r["mode"] == "horovod-cpu")["over_horovod_cpu"] == 1.0
 
 
-def test_train_step_reports_a_failing_transport_in_one_line(tmp_path):
-    """p2p is measured; shm is measured too once ringsync has it, else reported in one line, not a traceback."""
+def test_train_step_measures_both_transports(tmp_path):
+    """One launch per transport; each row says what it measured."""
     out = tmp_path / "step.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--transports", "p2p,shm",
                            "--models", "digits", "--rounds", "1", "--steps", "2", "--warmup", "0",
@@ -99,9 +99,6 @@ def test_train_step_reports_a_failing_transport_in_one_line(tmp_path):
     result = json.loads(out.read_text())
     rows = {r["transport"]: r for r in result["results"]}
     assert rows["p2p"]["model"] == "digits" and rows["p2p"]["params"] == 17226 and rows["p2p"]["step_ms"] > 0
-    if done.returncode == 0:
-        assert set(rows) == {"p2p", "shm"} and not result["meta"]["failures"]
-    else:
-        assert done.returncode == 1 and set(result["meta"]["failures"]) == {"shm"}
-        failed = [line for line in done.stdout.splitlines() if "NOT MEASURED" in line]
-        assert len(failed) == 1 and "RINGSYNC_TRANSPORT" in failed[0]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(rows) == {"p2p", "shm"} and not result["meta"]["failures"]
+    assert rows["shm"]["params"] == 17226 and rows["shm"]["step_ms"] > 0
