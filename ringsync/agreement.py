@@ -93,8 +93,12 @@ class Call(NamedTuple):
     root: int = -1
     group: int = 1          # tensors fused into the buffer
     layout: int = 0         # a code for those tensors' shapes
-    place: int = 0          # where a buffer read in place lies: (shared window + 1) << 40 | offset; 0 private
+    place: int = 0          # where the buffer lies: 0 private host memory, DEVICE (a GPU), or
+                            # for one read in place, (shared window + 1) << 40 | byte offset
     name: str | None = None
+
+
+DEVICE = -1     # Call.place of a device (CuPy) buffer
 
 
 class MismatchError(ValueError):
@@ -405,8 +409,7 @@ def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
             ("root", lambda row: str(row["root"])),
             ("tensor count", lambda row: str(row["group"])),
             ("tensor shapes in the group", lambda row: f"layout {int(row['layout']) & 0xffffffff:08x}"),
-            ("buffer", lambda row: (f"shared window #{int(row['place']) >> 40}, byte {int(row['place']) & ((1 << 40) - 1)}"
-                                    if row["place"] else "private memory")),
+            ("buffer", _place_text),
             ("name", lambda row: repr(_name(row))),
         ]
     out = []
@@ -418,6 +421,13 @@ def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
             out.append(f"{label} differs: " + " vs ".join(f"{v} on {_ranks(qs)}"
                                                           for v, qs in values.items()))
     return out
+
+
+def _place_text(row: np.ndarray) -> str:
+    place = int(row["place"])
+    if place == DEVICE:
+        return "device memory"
+    return f"shared window #{place >> 40}, byte {place & ((1 << 40) - 1)}" if place else "private memory"
 
 
 def _describe_call(row: np.ndarray) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, NONFINITE, Checker
+from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, DEVICE, NONFINITE, Checker
 from .algorithms.doubling import recursive_doubling_allreduce_
 from .algorithms.gathered import reduce_gathered_
 from .algorithms.pipelined import pipelined_ring_allreduce_
@@ -264,6 +264,8 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
     w = world()
     shared = shared_peers(flat, op) if w.windows else None     # (hot path) no windows, no look
     peers, place = shared if shared is not None else (None, 0)
+    if type(flat) is not np.ndarray and gpu.is_device_array(flat):
+        place = DEVICE          # host and device buffers take different paths: never mixed
     guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout,
                           place=place, name=name)
     if w.checker.finite and flat.dtype.kind == "f" and not gpu.array_module(flat).isfinite(flat).all():

@@ -123,12 +123,24 @@ def join_check() -> list[str]:
     return bad
 
 
+def host_against_device_check() -> list[str]:
+    """A NumPy buffer on one rank and a CuPy one on the others: every rank raises (the two take
+    different paths; the agreement check compares where a buffer lives)."""
+    x = np.ones(100, np.float32)
+    mine = x if COMM.rank == 0 else cp.asarray(x)
+    try:
+        rs.allreduce_(mine)
+    except rs.MismatchError as exc:
+        return [] if "buffer differs" in str(exc) else [f"host against device: {exc}"]
+    return ["host against device went through"]
+
+
 def main() -> int:
     rs.init()
     if sys.argv[1] == "train":
         from ringsync.training.train import main as train
         return train(sys.argv[2:])
-    bad = collectives() + layers_check() + (join_check() if COMM.size > 1 else [])
+    bad = collectives() + layers_check() + (join_check() + host_against_device_check() if COMM.size > 1 else [])
     everyone = COMM.allgather(bad)
     if COMM.rank == 0:
         failures = [f"rank {r}: {m}" for r, ms in enumerate(everyone) for m in ms]
