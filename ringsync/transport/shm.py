@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import platform
-import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -154,30 +153,20 @@ class NodeSegment:
 
     # -- typed views ---------------------------------------------------------------------------
 
-    def views(self, parity: int, dtype: np.dtype, count: int, start: int = 0) -> list[np.ndarray]:
-        """Every rank's slot of `parity` as `count` elements of `dtype` from element `start`,
-        in node-rank order (cached: the same calls recur every step)."""
-        key = (parity, dtype, count, start)
+    def views(self, parity: int, dtype: np.dtype, count: int) -> list[np.ndarray]:
+        """Every rank's slot of `parity` as its first `count` elements of `dtype`, in node-rank
+        order (cached: the same calls recur every step)."""
+        key = (parity, dtype, count)
         views = self._typed.get(key)
         if views is None:
             if len(self._typed) > 512:
                 self._typed.clear()
-            lo = start * dtype.itemsize
-            views = self._typed[key] = [s[lo:lo + count * dtype.itemsize].view(dtype)
-                                        for s in self.slots[parity]]
+            views = self._typed[key] = [s[:count * dtype.itemsize].view(dtype) for s in self.slots[parity]]
         return views
 
     def capacity(self, itemsize: int) -> int:
         """Elements of that size one slot holds."""
         return self.slot_bytes // itemsize
-
-    # -- the agreement check's trailers ------------------------------------------------------
-
-    def write_trailer(self, parity: int, packer: struct.Struct, *values: int) -> None:
-        packer.pack_into(self.trailers[parity][self.rank], 0, *values)
-
-    def trailer(self, parity: int, q: int, packer: struct.Struct) -> tuple:
-        return packer.unpack_from(self.trailers[parity][q], 0)
 
     def free(self) -> None:
         self._typed.clear()
