@@ -23,6 +23,10 @@ export OMPI_MCA_mpi_yield_when_idle ?= 1
 # No UCX one-sided component: it prints an error line for every shared-memory window
 # (docs/shared-memory.md). ringsync sets it on import; pytest-mpi imports mpi4py before that.
 export OMPI_MCA_osc ?= ^ucx
+# No libfabric (ofi) transport: within one machine it carries nothing (ob1 uses sm), but
+# probing its network providers adds 1 s to every start (mpirun -n 2: 1.2 s -> 0.2 s here),
+# and the serial tests start ~150 jobs.
+export OMPI_MCA_btl ?= ^ofi
 else ifeq ($(MPI),system)
 VENV       ?= .venv
 MPI_WHEEL  :=
