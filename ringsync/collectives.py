@@ -32,6 +32,7 @@ from .algorithms.doubling import recursive_doubling_allreduce_
 from .algorithms.gathered import reduce_gathered_
 from .algorithms.pipelined import pipelined_ring_allreduce_
 from .algorithms.ring import chunk_bounds, ring_allgather_, ring_allreduce_
+from .algorithms.scattered import Scattered
 from .algorithms.shared import shared_allreduce_, shared_allreduce_in_place_, shared_gathered_allreduce_
 from .algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
 from .algorithms.tree import dissemination_barrier, tree_broadcast_
@@ -268,7 +269,7 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
         place = DEVICE          # host and device buffers take different paths: never mixed
     guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout,
                           place=place, name=name)
-    if w.checker.finite and flat.dtype.kind == "f" and not gpu.array_module(flat).isfinite(flat).all():
+    if w.checker.finite and flat.dtype.kind == "f" and not _all_finite(flat):
         if guard is None:   # a single rank
             raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or "
                                      f"Inf in the input on rank {w.rank}")
@@ -276,7 +277,23 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
     allreduce_flat_(flat, op, guard, w.size, peers)
 
 
-def reduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None = None, *,
+def _all_finite(flat: np.ndarray | Scattered) -> bool:
+    if type(flat) is Scattered:
+        return flat.all_finite()
+    return bool(gpu.array_module(flat).isfinite(flat).all())
+
+
+def unpacked_fusion(nbytes: int, dtype: np.dtype, op: str) -> bool:
+    """Whether a fusion bucket of separate NumPy arrays is all-reduced as they lie
+    (algorithms/scattered.py), with no fusion buffer: when it goes through the node's shared
+    memory, whose copies in and out take the arrays directly. Not for buffers that ride on
+    the opening (small), nor for integer averages (computed in parts: _integer_average)."""
+    w = world()
+    return (w.node is not None and nbytes > w.small_bytes and w.settings.allreduce in ("auto", "shared")
+            and not (op == ops.Average and dtype.kind in "iu"))
+
+
+def reduce_(flat: np.ndarray | Scattered, op: str, shape: tuple, name: str | None = None, *,
             group: int = 1, layout: int = 0) -> None:
     """The all-reduce every front door ends in (fusion.py's buckets too).
 

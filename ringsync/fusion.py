@@ -16,7 +16,9 @@ Planning a call, in three rules:
   2. within a dtype, consecutive arrays fill a bucket until the next would pass the
      threshold; an array bigger than the threshold gets a bucket of its own;
   3. a bucket of one array, or of arrays adjacent in memory, is reduced where it lies;
-     any other bucket is packed into the fusion buffer, reduced, and unpacked.
+     any other bucket is packed into the fusion buffer, reduced, and unpacked -- except
+     through the node's shared memory, whose own copies in and out of its segment take the
+     arrays where they lie (algorithms/scattered.py): no fusion buffer, two passes fewer.
 A FlatBuffer's own `views` skip even the adjacency check: the buffer knows its layout, so
 a whole model's gradients cost the same as one array of the same size.
 
@@ -32,7 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ops, timing
-from .collectives import arguments_checked, check_inplace, layout_code, reduce_
+from .algorithms.scattered import Scattered
+from .collectives import arguments_checked, check_inplace, layout_code, reduce_, unpacked_fusion
 from .context import world
 from .transport.gpu import array_module, is_device_array, on_device_of
 from .transport.shm import SharedWindow
@@ -56,6 +59,8 @@ def plan_buckets(nbytes: Sequence[int], dtypes: Sequence[np.dtype], threshold: i
     Order is kept within a dtype. An array larger than the threshold (every array, when the
     threshold is 0) forms a bucket alone. Pure logic, so it is tested without MPI.
     """
+    if sum(nbytes) <= threshold and len(set(dtypes)) == 1:
+        return [list(range(len(nbytes)))]          # (the usual case: one bucket)
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, dt in enumerate(dtypes):
         by_dtype.setdefault(np.dtype(dt), []).append(i)
@@ -93,21 +98,26 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     Memory is what matters: if the arrays tile bytes [start, end) of the first one's owner
     exactly, in order, then reducing that slice of the owner reduces each array exactly once.
     """
-    if not all((isinstance(a, np.ndarray) or is_device_array(a)) and a.flags.c_contiguous for a in arrays):
-        return None
-    if len({a.dtype for a in arrays}) != 1:
-        return None
-    filled = [a for a in arrays if a.size]       # empty arrays take no memory (and may point anywhere)
-    if not filled:
-        return arrays[0].reshape(-1)
-    root = _root(filled[0])
-    if root.dtype != filled[0].dtype or not root.flags.c_contiguous or not getattr(root.flags, "writeable", True):
-        return None
-    begin = end = _address(filled[0])
-    for a in filled:
-        if _address(a) != end:
+    dtype = arrays[0].dtype if arrays else None
+    first = begin = end = None
+    for a in arrays:                     # one pass; separate arrays fail at the second one
+        if not (isinstance(a, np.ndarray) or is_device_array(a)) or a.dtype != dtype:
+            return None
+        if not a.size:                   # empty arrays take no memory (and may point anywhere)
+            continue
+        if not a.flags.c_contiguous:
+            return None
+        if first is None:
+            first, begin = a, _address(a)
+            end = begin
+        elif _address(a) != end:
             return None
         end += a.nbytes
+    if first is None:
+        return arrays[0].reshape(-1)
+    root = _root(first)
+    if root.dtype != dtype or not root.flags.c_contiguous or not getattr(root.flags, "writeable", True):
+        return None
     start = (begin - _address(root)) // root.itemsize
     count = (end - begin) // root.itemsize
     if start < 0 or start + count > root.size:
@@ -140,7 +150,7 @@ class _FusionBuffers:
 _buffers = _FusionBuffers()
 
 
-def reduce_bucket_span_(span: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...]) -> None:
+def reduce_bucket_span_(span: np.ndarray | Scattered, op: str, shapes: tuple[tuple[int, ...], ...]) -> None:
     """All-reduce a bucket's buffer; the agreement check also covers its tensor count and
     shapes (the same whether the tensors came as a FlatBuffer's views or as a list)."""
     reduce_(span, op, span.shape, group=len(shapes), layout=layout_code(shapes))
@@ -154,6 +164,9 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
         reduce_bucket_span_(span, op, shapes)
         return
     total = sum(a.size for a in bucket)
+    if type(bucket[0]) is np.ndarray and unpacked_fusion(total * bucket[0].itemsize, bucket[0].dtype, op):
+        reduce_bucket_span_(Scattered(bucket), op, shapes)    # no fusion buffer: shared.py copies
+        return                                                # straight from and into the arrays
     buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])
     t = timing.now()
     array_module(buf).concatenate([a.reshape(-1) for a in bucket], out=buf)   # pack: one pass
@@ -174,6 +187,26 @@ def _check_group(arrays: object, op: object, fusion_bytes: int | None) -> tuple[
     return ops.resolve_op(op), fusion_threshold(fusion_bytes)
 
 
+def _checked_arrays(arrays: Sequence[object]) -> list[np.ndarray]:
+    """The arrays of an in-place grouped call, checked (check_inplace), all NumPy or all CuPy.
+
+    (hot path: a model has hundreds of arrays) Writeable C-contiguous NumPy arrays of a
+    supported dtype, the usual case, pass in one loop with no call per array."""
+    supported = ops.SUPPORTED
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype not in supported:
+            break
+        flags = a.flags
+        if not (flags.c_contiguous and flags.writeable):
+            break
+    else:
+        return list(arrays)
+    checked = [check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    if len({array_module(a) for a in checked}) > 1:
+        raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device arrays in separate calls")
+    return checked
+
+
 def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
                        fusion_bytes: int | None = None) -> list[np.ndarray]:
     """All-reduce every array in `arrays` in place, fused into few ring all-reduces; return them.
@@ -186,10 +219,7 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     with arguments_checked:  # (a refusal fails the others' call too)
         op, threshold = _check_group(arrays, op, fusion_bytes)
         if not isinstance(arrays, FlatViews):
-            arrays = [check_inplace(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-            if len({array_module(a) for a in arrays}) > 1:
-                raise TypeError("arrays mix NumPy and CuPy arrays; reduce host and device "
-                                "arrays in separate calls")
+            arrays = _checked_arrays(arrays)
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
         for span, shapes in arrays.owner.buckets(threshold):
             reduce_bucket_span_(span, op, shapes)

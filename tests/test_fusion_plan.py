@@ -1,7 +1,10 @@
 """Fusion planning and memory adjacency: pure logic, no MPI."""
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from ringsync.algorithms.scattered import Scattered
 from ringsync.config import Settings
 from ringsync.fusion import FlatBuffer, contiguous_span, fusion_threshold, plan_buckets
 
@@ -83,3 +86,19 @@ def test_flat_buffer_buckets_follow_the_plan():
     assert [b.size for b, _ in fb.buckets(1 << 20)] == [9]
     assert all(np.shares_memory(b, fb.flat) for b, _ in fb.buckets(16))
     assert isinstance(fb.views, tuple) and fb.views.owner is fb
+
+
+@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=8), cut=st.data())
+def test_scattered_arrays_read_and_write_as_their_concatenation(sizes, cut):
+    arrays = [np.arange(n, dtype=np.float32) + 100 * i for i, n in enumerate(sizes)]
+    whole = np.concatenate(arrays)
+    buf = Scattered(arrays)
+    assert (buf.size, buf.nbytes, buf.shape) == (whole.size, whole.nbytes, whole.shape)
+    lo = cut.draw(st.integers(0, whole.size))
+    hi = cut.draw(st.integers(lo, whole.size))
+    out = np.full(hi - lo, -1, np.float32)
+    buf.read(lo, hi, out)
+    assert np.array_equal(out, whole[lo:hi])
+    buf.write(lo, hi, -out)
+    whole[lo:hi] *= -1
+    assert np.array_equal(np.concatenate(arrays), whole)      # only [lo, hi) changed

@@ -9,6 +9,8 @@
 and the zero-copy FlatBuffer (shared=True). Each configuration: every length, dtype and op
 against the oracle, bitwise identical everywhere; a mismatch and join() on its path.
 """
+import itertools
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -182,3 +184,71 @@ def test_different_shared_buffers_raise_everywhere(rs, shm):
         view = fb.views[R % 2]
         ok = raised_everywhere(lambda: rs.grouped_allreduce_([view]), rs.MismatchError, "buffer differs")
     assert_everywhere(ok, "different views of one shared FlatBuffer went through")
+
+
+# --- separate arrays fused with no fusion buffer (algorithms/scattered.py) ----------------------
+
+SEPARATE = [0, 150_001, 3, 0, 40_000, 1, 2]     # above the small limit even as float16
+
+
+def separate_arrays(dtype, seed):
+    data = rank_data((sum(SEPARATE),), dtype, seed)
+    bounds = np.cumsum([0, *SEPARATE])
+    return [data[lo:hi].copy() for lo, hi in itertools.pairwise(bounds)]     # separate allocations
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
+def test_separate_arrays_give_the_bits_of_their_concatenation_on_every_path(rs, config, dtype):
+    from ringsync.collectives import unpacked_fusion
+
+    assert_everywhere(unpacked_fusion(sum(SEPARATE) * np.dtype(dtype).itemsize, np.dtype(dtype), "sum")
+                      == (config != "p2p" and P > 1), f"{config}: fusion takes the arrays as they lie")
+    for op in OPS:
+        arrays = separate_arrays(dtype, seed=7)
+        reference = rs.allreduce(np.concatenate(arrays), op=op)
+        rs.grouped_allreduce_(arrays, op=op)
+        got = np.concatenate(arrays)
+        assert_everywhere(np.array_equal(got, reference, equal_nan=True),
+                          f"{config}: {op} {dtype} of separate arrays differs from their concatenation's")
+        assert_everywhere(same_bits_everywhere(got), "results are not bitwise identical across ranks")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_adjacent_views_on_one_rank_and_separate_arrays_on_the_others_agree(rs, shm):
+    fb = rs.FlatBuffer([(n,) for n in SEPARATE], np.float32)          # private, adjacent views
+    arrays = list(fb.views) if R == 0 else separate_arrays(np.float32, seed=3)
+    if R == 0:
+        fb.flat[...] = np.concatenate(separate_arrays(np.float32, seed=3))
+    reference = rs.allreduce(np.concatenate(arrays))
+    rs.grouped_allreduce_(arrays)
+    assert_everywhere(np.array_equal(np.concatenate(arrays), reference), "views against separate arrays")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_separate_arrays_split_differently_or_holding_nan_raise_everywhere(rs, shm):
+    arrays = separate_arrays(np.float32, seed=1)
+    if R == P - 1:                                   # the same elements, cut elsewhere
+        arrays = [np.concatenate(arrays[:2]), *arrays[2:]]
+    ok = raised_everywhere(lambda: rs.grouped_allreduce_(arrays), rs.MismatchError)
+    checker = world().checker
+    checker.finite = True
+    try:
+        arrays = separate_arrays(np.float32, seed=1)
+        arrays[4][7] = np.nan if R == P - 1 else 0
+        ok = ok and raised_everywhere(lambda: rs.grouped_allreduce_(arrays), FloatingPointError,
+                                      f"NaN or Inf in the input on rank {P - 1}")
+    finally:
+        checker.finite = False
+    assert_everywhere(ok, "a different split or a NaN in separate arrays did not raise everywhere")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_join_while_others_reduce_separate_arrays(rs, shm):
+    ok = True
+    if R != P - 1:
+        arrays = [np.full(n, R + 1.0, np.float32) for n in SEPARATE]
+        rs.grouped_allreduce_(arrays, op="sum")
+        ok = all(np.all(a == (P - 1) * P / 2) for a in arrays)
+    rs.join()
+    assert_everywhere(ok, "separate arrays with a joined rank gave the wrong result")

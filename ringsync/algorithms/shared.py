@@ -13,7 +13,8 @@ Within one node of L ranks, for each piece of the buffer that fits a slot:
   3. copy out    every rank copies every finished chunk from its owner's slot.
 
 Each chunk is reduced once, by one rank, in one order, and then copied: every rank gets the
-same bits. A rank moves n bytes in, n out and reads n to reduce its share, with no message
+same bits. A fusion bucket of separate arrays (scattered.py) is copied in and out the same
+way, array by array, with no fusion buffer between. A rank moves n bytes in, n out and reads n to reduce its share, with no message
 and two sync points per piece, which cost well under a microsecond each. Pieces alternate
 between a rank's two slots, so one rank may already copy in the next piece while another
 still copies out the last.
@@ -44,6 +45,7 @@ from mpi4py import MPI
 
 from ..transport.shm import NodeSegment
 from .ring import chunk_bounds, ring_allreduce_
+from .scattered import Scattered
 
 
 def reduce_into_(out: np.ndarray, operands: Sequence[np.ndarray], reduce: np.ufunc,
@@ -69,39 +71,47 @@ def owned_chunks(chunks: int, local_size: int, local_rank: int) -> list[int]:
     return list(range(local_rank, chunks, local_size))
 
 
-def shared_allreduce_(flat: np.ndarray, seg: NodeSegment, reduce: np.ufunc, scratch: np.ndarray,
-                      rings: Sequence[tuple[int, MPI.Comm]] = (), chunks: int = 0,
-                      prescale: int = 0) -> np.ndarray:
+def shared_allreduce_(flat: np.ndarray | Scattered, seg: NodeSegment, reduce: np.ufunc,
+                      scratch: np.ndarray, rings: Sequence[tuple[int, MPI.Comm]] = (),
+                      chunks: int = 0, prescale: int = 0) -> np.ndarray | Scattered:
     """All-reduce the 1-D `flat` in place through the node's segment (and `rings` across nodes).
 
-    `chunks` is G (the largest node's size; default this node's); `rings` lists
-    (chunk, communicator of that chunk's owners on every node) for the chunks this rank owns,
-    in increasing order (none on a single node). `scratch` has room for one slot's worth of
-    elements. `prescale` > 0 divides the input by it on the way in (an average).
+    `flat` may also be separate arrays (a fusion bucket, scattered.py): copied straight into
+    the slots and back. `chunks` is G (the largest node's size; default this node's); `rings`
+    lists (chunk, communicator of that chunk's owners on every node) for the chunks this rank
+    owns, in increasing order (none on a single node). `scratch` has room for one slot's worth
+    of elements. `prescale` > 0 divides the input by it on the way in (an average).
     """
     L, me = seg.size, seg.rank
     chunks = chunks or L
     ring_of = dict(rings)
     mine = owned_chunks(chunks, L, me)
     piece = seg.capacity(flat.itemsize)
+    contiguous = type(flat) is not Scattered
+    # This rank's own chunks are read where they lie, unless they must be copied in anyway.
+    in_place = contiguous and not prescale
     for start in range(0, flat.size, piece):
-        part = flat[start:start + piece]
-        m = part.size
+        m = min(piece, flat.size - start)
+        part = flat[start:start + m] if contiguous else None
         parity = seg.begin()
         slots = seg.views(parity, flat.dtype, m)
         bounds = chunk_bounds(m, chunks)
-        if prescale:                                    # 1. copy in (divided, for an average)
-            np.divide(part, prescale, out=slots[me])
-        else:                                           # only the chunks others reduce: this
-            for c, (lo, hi) in enumerate(bounds):       # rank reads its own from `part`
+        if in_place:                                    # 1. copy in, only the chunks others
+            for c, (lo, hi) in enumerate(bounds):       # reduce
                 if c % L != me:
                     slots[me][lo:hi] = part[lo:hi]
+        elif contiguous:                                # (divided, for an average)
+            np.divide(part, prescale, out=slots[me])
+        else:
+            flat.read(start, start + m, slots[me])
+            if prescale:
+                np.divide(slots[me], prescale, out=slots[me])
         seg.sync()
         for c in mine:                                  # 2. reduce the chunks this rank owns
             lo, hi = bounds[c]
             if hi > lo:
                 operands = [s[lo:hi] for s in slots]
-                if not prescale:
+                if in_place:
                     operands[me] = part[lo:hi]
                 reduce_into_(slots[me][lo:hi], operands, reduce, scratch)
                 ring = ring_of.get(c)
@@ -109,7 +119,10 @@ def shared_allreduce_(flat: np.ndarray, seg: NodeSegment, reduce: np.ufunc, scra
                     ring_allreduce_(slots[me][lo:hi], ring, reduce, scratch)
         seg.sync()
         for c, (lo, hi) in enumerate(bounds):           # 3. copy out
-            part[lo:hi] = slots[c % L][lo:hi]
+            if contiguous:
+                part[lo:hi] = slots[c % L][lo:hi]
+            else:
+                flat.write(start + lo, start + hi, slots[c % L][lo:hi])
     return flat
 
 
