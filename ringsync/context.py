@@ -42,6 +42,9 @@ class World:
         # across ranks, frozen), the cross-rank agreement check, the stall inspector.
         self.settings: Settings = Settings()
         self.small_bytes = self.settings.small_bytes   # the opening's payload limit (startup.py)
+        # allreduce_'s direct path: the largest buffer (bytes) that rides on the opening, when
+        # the algorithm is auto's choice and there is an opening (more than 1 rank; else -1).
+        self.riding_bytes = -1
         self.checker: Checker | None = None
         self.inspector: Inspector | None = None
         self._scratch: dict[np.dtype, np.ndarray] = {}

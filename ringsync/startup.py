@@ -44,6 +44,8 @@ def init(comm: MPI.Comm | None = None) -> None:
     w.small_bytes = w.settings.small_limit(w.size, w.single_node, w.node.slot_bytes if w.node else 0)
     w.checker = Checker(w.comm, w.settings, segment=w.node if w.single_node else None,
                         small_bytes=w.small_bytes)
+    if w.size > 1 and w.settings.allreduce == "auto":
+        w.riding_bytes = w.checker.payload_limit
     w.inspector = stall.start(w)
     context.set_world(w)
     context.install_abort_hook()
