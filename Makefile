@@ -123,7 +123,7 @@ bench: $(VENV)/.bench
 	@echo "== make bench: the trainer (scaling, straggler) on MPI=$(firstword $(BENCH_MPIS)) -> $(BENCH_OUT)/ =="
 	$(MAKE) --no-print-directory bench-trainer MPI=$(firstword $(BENCH_MPIS)) BENCH_OUT=$(BENCH_OUT)
 
-# One MPI's part: the sweep, 4 KB latency, fusion (with horovod-cpu) and the trainer step per transport.
+# One MPI's part: the sweep, 4 KB latency, fusion (with horovod-cpu), broadcast/allgather and the trainer step per transport.
 bench-one: $(VENV)/.bench
 	mkdir -p $(BENCH_DIR)
 	$(PY) benchmarks/describe_machine.py $(BENCH_DIR)/MACHINE.md
@@ -137,6 +137,9 @@ bench-one: $(VENV)/.bench
 	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
 	  -N 256 -S 16K -r 9 --json $(BENCH_DIR)/fusion.json --csv $(BENCH_DIR)/fusion.csv \
 	  --plot $(BENCH_DIR)/fusion.png > $(BENCH_DIR)/fusion.txt; s=$$?; cat $(BENCH_DIR)/fusion.txt; exit $$s
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/broadcast_allgather.py \
+	  -b 1K -e 4M -f 8 -r 5 --json $(BENCH_DIR)/broadcast_allgather.json > $(BENCH_DIR)/broadcast_allgather.txt; \
+	  s=$$?; cat $(BENCH_DIR)/broadcast_allgather.txt; exit $$s
 	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
 	# no train_step.json is left from an earlier run.
 	@rm -f $(BENCH_DIR)/train_step.json $(BENCH_DIR)/train_step.csv

@@ -24,6 +24,8 @@ checked_allreduce_, allreduce_flat_, _attempt), which cost 2-4 us of a 4 KB call
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,13 @@ from .algorithms.gathered import reduce_gathered_
 from .algorithms.pipelined import pipelined_ring_allreduce_
 from .algorithms.ring import chunk_bounds, ring_allgather_, ring_allreduce_
 from .algorithms.scattered import Scattered
-from .algorithms.shared import shared_allreduce_, shared_allreduce_in_place_, shared_gathered_allreduce_
+from .algorithms.shared import (
+    shared_allgather_,
+    shared_allreduce_,
+    shared_allreduce_in_place_,
+    shared_broadcast_,
+    shared_gathered_allreduce_,
+)
 from .algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
 from .algorithms.tree import dissemination_barrier, tree_broadcast_
 from .config import Settings
@@ -431,12 +439,42 @@ def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
 
 def _broadcast(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
-    _agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root, name=name))
-    if gpu.is_device_array(x):
+    device = gpu.is_device_array(x)
+    # (host and device buffers take different roads on one node: the check keeps them apart)
+    everyone = _agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root,
+                                              place=DEVICE if device else 0, name=name))
+    if device:
         _broadcast_device(x.reshape(-1), root)   # same tree, same messages
     else:
-        tree_broadcast_(x.reshape(-1), w.comm, root)
+        broadcast_flat_(x.reshape(-1), root, shared=everyone)
     return x
+
+
+def broadcast_flat_(flat: np.ndarray, root: int, shared: bool = True) -> None:
+    """The broadcast itself, after the opening (join.py's joined ranks call it directly): on one
+    node through its shared memory, else (or not `shared`) down a binomial tree of messages.
+
+    A call redone because ranks have joined goes by messages on every rank (shared=False):
+    a joined rank cannot tell whether the others' buffers are on a GPU, whose broadcast is
+    the same tree of messages."""
+    w = world()
+    if shared and w.single_node:
+        shared_broadcast_(flat, w.node, root)
+    else:
+        tree_broadcast_(flat, w.comm, root)
+
+
+def _allgather_blocks(blocks: list[np.ndarray], shared: bool = True) -> None:
+    """Fill every rank's block of a host all-gather (this rank's is filled; every rank passes
+    the same sizes): on one node through its shared memory when the blocks fit in a slot,
+    else (or not `shared`, as for broadcast_flat_) around the ring. Larger blocks lose in
+    shared memory: each is copied in and out, where a message is copied once
+    (benchmarks/broadcast_allgather.py)."""
+    w = world()
+    if shared and w.single_node and max(b.nbytes for b in blocks) <= w.node.slot_bytes:
+        shared_allgather_(blocks, w.node, owned=w.rank)
+    else:
+        ring_allgather_(blocks, w.comm, owned=w.rank)
 
 
 def _broadcast_device(flat: Any, root: int) -> None:
@@ -465,26 +503,30 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
         if arr.ndim > _MAX_NDIM:
             raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
         check_name(name)
-    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], name=name)
-    _agree_or_settle(guard)
-    return allgather_rows(arr)
+    device = gpu.is_device_array(arr)
+    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], place=DEVICE if device else 0,
+                                name=name)
+    return allgather_rows(arr, shared=_agree_or_settle(guard))
 
 
-def allgather_rows(arr: np.ndarray) -> np.ndarray:
-    """The all-gather itself, after the opening (join.py's joined ranks call it directly)."""
+def allgather_rows(arr: np.ndarray, shared: bool = True) -> np.ndarray:
+    """The all-gather itself, after the opening (join.py's joined ranks call it directly;
+    `shared` as for broadcast_flat_).
+
+    The layouts are small lists of Python ints: a NumPy call on a few numbers costs more
+    than the whole exchange of a small all-gather."""
     w = world()
-    rows = _exchange_layouts(arr)
-    firsts = rows[:, 0]
+    firsts = _exchange_layouts(arr, shared)
     xp = gpu.array_module(arr)
     with gpu.on_device_of(arr):         # the output lives on arr's GPU, not the current one
-        out = xp.empty((int(firsts.sum()),) + arr.shape[1:], dtype=arr.dtype)
-    per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
+        out = xp.empty((sum(firsts),) + arr.shape[1:], dtype=arr.dtype)
+    per_row = math.prod(arr.shape[1:])
     flat = out.reshape(-1)
-    offsets = np.concatenate(([0], np.cumsum(firsts * per_row)))
-    blocks = [flat[offsets[i]:offsets[i + 1]] for i in range(w.size)]
+    offsets = list(itertools.accumulate((n * per_row for n in firsts), initial=0))
+    blocks = [flat[lo:hi] for lo, hi in itertools.pairwise(offsets)]
     blocks[w.rank][...] = arr.reshape(-1)
     if xp is np or w.size == 1:
-        ring_allgather_(blocks, w.comm, owned=w.rank)
+        _allgather_blocks(blocks, shared)
     else:                                   # same ring, same messages, from device memory
         with arr.device:
             dev = gpu.cupy_device(w, xp)
@@ -499,22 +541,23 @@ def allgather_rows(arr: np.ndarray) -> np.ndarray:
 _MAX_NDIM = 8
 
 
-def _exchange_layouts(arr: np.ndarray) -> np.ndarray:
-    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash."""
+def _exchange_layouts(arr: np.ndarray, shared: bool) -> list[int]:
+    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash.
+    Returns every rank's first dimension."""
     w = world()
-    rows = np.zeros((w.size, 3 + _MAX_NDIM), dtype=np.int64)
-    mine = rows[w.rank]
-    mine[:3] = arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim
-    mine[3:3 + arr.ndim - 1] = arr.shape[1:]
-    ring_allgather_(list(rows), w.comm, owned=w.rank)
-    agreed = (rows[:, 1:] == rows[0, 1:]).all(axis=1)
-    if not agreed.all():
+    table = np.zeros((w.size, 3 + _MAX_NDIM), dtype=np.int64)
+    table[w.rank, :3 + arr.ndim - 1] = (arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim,
+                                        *arr.shape[1:])
+    _allgather_blocks(list(table), shared)
+    rows = table.tolist()
+    differ = [r for r, row in enumerate(rows) if row[1:] != rows[0][1:]]
+    if differ:
         def layout(r: int) -> str:
-            dtype = ops.SUPPORTED_DTYPES[rows[r, 1]].name
-            return f"rank {r}: {dtype} (*, {', '.join(str(d) for d in rows[r, 3:2 + rows[r, 2]])})"
-        desc = "; ".join(layout(r) for r in [0, *np.flatnonzero(~agreed)])
+            dtype = ops.SUPPORTED_DTYPES[rows[r][1]].name
+            return f"rank {r}: {dtype} (*, {', '.join(str(d) for d in rows[r][3:2 + rows[r][2]])})"
+        desc = "; ".join(layout(r) for r in [0, *differ])
         raise ValueError(f"allgather: dtype or trailing shape differ across ranks ({desc})")
-    return rows
+    return [row[0] for row in rows]
 
 
 def barrier() -> None:

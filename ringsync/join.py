@@ -27,8 +27,7 @@ from .agreement import (
     record_call,
     record_shape,
 )
-from .algorithms.tree import tree_broadcast_
-from .collectives import allgather_rows, allreduce_flat_
+from .collectives import allgather_rows, allreduce_flat_, broadcast_flat_
 from .context import world
 
 
@@ -70,9 +69,9 @@ def _take_part(row: np.ndarray) -> None:
         # The others redo their call without the check: so does this rank, with nothing to add.
         allreduce_flat_(neutral(call.count, call.dtype, call.op), call.op, None, world().size)
     elif call.kind == BROADCAST:
-        tree_broadcast_(np.empty(call.count, dtype=call.dtype), world().comm, call.root)
+        broadcast_flat_(np.empty(call.count, dtype=call.dtype), call.root, shared=False)
     elif call.kind == ALLGATHER:
-        allgather_rows(np.empty((0,) + record_shape(row), dtype=call.dtype))
+        allgather_rows(np.empty((0,) + record_shape(row), dtype=call.dtype), shared=False)
     # a barrier needs nothing more: the slow path has already met every rank
 
 

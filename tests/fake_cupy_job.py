@@ -128,11 +128,16 @@ def host_against_device_check() -> list[str]:
     different paths; the agreement check compares where a buffer lives)."""
     x = np.ones(100, np.float32)
     mine = x if COMM.rank == 0 else cp.asarray(x)
-    try:
-        rs.allreduce_(mine)
-    except rs.MismatchError as exc:
-        return [] if "buffer differs" in str(exc) else [f"host against device: {exc}"]
-    return ["host against device went through"]
+    bad = []
+    for name, call in (("allreduce_", lambda: rs.allreduce_(mine)), ("broadcast_", lambda: rs.broadcast_(mine)),
+                       ("allgather", lambda: rs.allgather(mine))):
+        try:
+            call()
+            bad.append(f"host against device went through {name}")
+        except rs.MismatchError as exc:
+            if "buffer differs" not in str(exc):
+                bad.append(f"host against device, {name}: {exc}")
+    return bad
 
 
 def main() -> int:

@@ -48,6 +48,8 @@ def test_dtype_names():
     ("scaling.py", ["--ranks", "1,two"]),
     ("straggler.py", ["--ranks", "1"]),
     ("straggler.py", ["--ranks", "2", "--slow-rank", "5"]),
+    ("broadcast_allgather.py", ["-b", "8M", "-e", "1K"]),
+    ("broadcast_allgather.py", ["-r", "0"]),
     ("train_step.py", ["--transports", "p2p,tcp"]),
     ("train_step.py", ["--transports", "p2p,p2p"]),
 ])
@@ -86,6 +88,17 @@ def test_fusion_runs(tmp_path):
     # every mode but the threshold sweep agrees with a float64 reference sum, horovod-cpu included
     assert all(r["check"] == "ok" for r in rows[:5]) and all(r["check"] == "-" for r in rows[5:])
     assert next(r for r in rows if r["mode"] == "horovod-cpu")["over_horovod_cpu"] == 1.0
+
+
+def test_broadcast_allgather_runs_per_transport(tmp_path):
+    out = tmp_path / "bag.json"
+    done = run_mpi(2, [str(ROOT / "benchmarks" / "broadcast_allgather.py"), "-b", "1K", "-e", "64K", "-f", "8",
+                       "-r", "1", "--json", str(out)], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["collective"], r["bytes"]) for r in rows] == [
+        (c, n) for c in ("broadcast", "allgather") for n in (1024, 8192, 65536)]
+    assert all(r["check"] == "ok" and r["p2p_us"] > 0 and r["shm_us"] > 0 for r in rows)
 
 
 def test_train_step_measures_both_transports(tmp_path):

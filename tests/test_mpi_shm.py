@@ -88,6 +88,29 @@ def test_join_on_every_path(rs, config):
     assert_everywhere(ok, f"{config}: a reduction with a joined rank gave the wrong result")
 
 
+@pytest.mark.mpi
+def test_broadcast_and_allgather_on_every_path(rs, config):
+    for n in (0, 1, 3000, 70_000):           # pieces: 1 KB slots, so one piece to hundreds
+        for root in range(P):
+            x = rank_data((n,), "float32", seed=R)
+            got = rs.broadcast(x, root=root)
+            assert_everywhere(np.array_equal(got, COMM.bcast(x, root=root)), f"{config}: broadcast {n} from {root}")
+        rows = rank_data((n // 100 * (R + 1), 2), "int16", seed=n + R)     # ragged, up to ~1.4 MB
+        got = rs.allgather(rows)
+        assert_everywhere(np.array_equal(got, np.concatenate(COMM.allgather(rows))), f"{config}: allgather {n}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_broadcast_and_allgather_with_a_joined_rank_on_every_path(rs, config):
+    ok = True
+    if R != P - 1:
+        b = rs.broadcast(np.full(70_000, 7.0), root=0)
+        g = rs.allgather(np.full((R + 1, 2), R, dtype=np.int32))
+        ok = np.array_equal(b, np.full(70_000, 7.0)) and g.shape == ((P - 1) * P // 2, 2)
+    rs.join()
+    assert_everywhere(ok, f"{config}: broadcast or allgather with a joined rank")
+
+
 # --- the zero-copy FlatBuffer ----------------------------------------------------------------
 
 SHAPES = [(300, 70), (70,), (0,), (13, 3, 2)]

@@ -25,6 +25,9 @@ chunks straight from the other ranks' buffers and write the result into their ow
 everyone then copies the finished chunks from the owners' buffers. One more sync at the
 end keeps any rank from changing its buffer while another still reads it.
 
+Broadcast and all-gather on one node take the same road (below): the root, or every rank,
+copies a piece into its slot, one sync, and the others copy it out. No message at all.
+
 Across nodes (Horovod's hierarchical all-reduce), with nodes of L_j ranks and G = the largest
 L_j: cut each piece into G chunks. On node j, local rank l owns the chunks c with
 c mod L_j == l (on a smaller node a rank owns several). After step 2 the owner of chunk c on
@@ -169,3 +172,40 @@ def shared_allreduce_in_place_(flat: np.ndarray, peers: Sequence[np.ndarray], se
             flat[lo:hi] = peers[q][lo:hi]
     seg.sync()                                          # nobody reads my buffer any more
     return flat
+
+
+# --- broadcast and all-gather within one node ---------------------------------------------------
+
+def shared_broadcast_(flat: np.ndarray, seg: NodeSegment, root: int) -> np.ndarray:
+    """`root`'s 1-D `flat` to every rank of the node, piece by piece: the root copies a piece
+    into its slot, one sync, the others copy it out. (Double buffering lets the root copy in
+    the next piece while the others still copy out the last.)"""
+    piece = seg.capacity(flat.itemsize)
+    for start in range(0, flat.size, piece):
+        part = flat[start:start + piece]
+        slots = seg.views(seg.begin(), flat.dtype, part.size)
+        if seg.rank == root:
+            slots[root][...] = part
+        seg.sync()
+        if seg.rank != root:
+            part[...] = slots[root]
+    return flat
+
+
+def shared_allgather_(blocks: Sequence[np.ndarray], seg: NodeSegment, owned: int) -> None:
+    """Every node rank's block to every rank: blocks[q] is node rank q's (1-D, one dtype; sizes
+    may differ but every rank passes the same), and this rank holds blocks[owned]. As
+    ring.py's ring_allgather_, through the slots: each rank copies a piece of its block into
+    its slot, one sync, and copies the others' pieces out."""
+    dtype = blocks[owned].dtype
+    piece = seg.capacity(dtype.itemsize)
+    longest = max(block.size for block in blocks)
+    for start in range(0, longest, piece):
+        slots = seg.views(seg.begin(), dtype, min(piece, longest - start))
+        mine = blocks[owned][start:start + piece]
+        slots[owned][:mine.size] = mine
+        seg.sync()
+        for q, block in enumerate(blocks):
+            if q != owned:
+                part = block[start:start + piece]
+                part[...] = slots[q][:part.size]
