@@ -113,8 +113,9 @@ def choose(nbytes: int, p: int, settings: Settings, shared: bool = False, small:
     Small buffers: few messages (with the agreement check on, the gathered reduce riding on
     its opening; else recursive doubling); `small` bytes at most (default RINGSYNC_SMALL_BYTES;
     the World's, which is larger on one node in shared memory: config.small_limit). With
-    shared memory within the node (`shared`), the rest goes through it (algorithms/shared.py). Otherwise the ring (least traffic),
-    pipelined only when a chunk spans several segments: below that, segments add messages
+    shared memory within the node (`shared`), the rest goes through it (algorithms/shared.py).
+    Otherwise the ring (least traffic), pipelined only when a chunk spans several segments:
+    below that, segments add messages
     and save nothing, as a one-segment chunk fits in the cache anyway.
     """
     if settings.allreduce != "auto":

@@ -29,6 +29,7 @@ allocation per dtype. Smaller models (everything in ringsync's examples) fit in 
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -125,6 +126,20 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     return root.reshape(-1)[start:start + count]
 
 
+def _separate_host_arrays(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether the arrays are plain NumPy arrays of which no two share memory: what a bucket
+    needs to be reduced where it lies, piece by piece (algorithms/scattered.py). Results
+    written back for one piece must not be read again as input for the next, as they would
+    be if an array came twice (a tied weight's gradient listed twice) or views overlapped;
+    such a bucket is packed, which copies every input before writing anything."""
+    if not all(type(a) is np.ndarray for a in arrays) or len({id(a) for a in arrays}) < len(arrays):
+        return False
+    if all(a.base is None for a in arrays):          # (the usual case: each owns its memory)
+        return True
+    spans = sorted((_address(a), a.nbytes) for a in arrays if a.size)
+    return all(start + n <= nxt for (start, n), (nxt, _) in itertools.pairwise(spans))
+
+
 # --- the fusion buffers: one per dtype, allocated once, grown when a bigger bucket comes ------
 
 class _FusionBuffers:
@@ -164,7 +179,7 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
         reduce_bucket_span_(span, op, shapes)
         return
     total = sum(a.size for a in bucket)
-    if type(bucket[0]) is np.ndarray and unpacked_fusion(total * bucket[0].itemsize, bucket[0].dtype, op):
+    if unpacked_fusion(total * bucket[0].itemsize, bucket[0].dtype, op) and _separate_host_arrays(bucket):
         reduce_bucket_span_(Scattered(bucket), op, shapes)    # no fusion buffer: shared.py copies
         return                                                # straight from and into the arrays
     buf = _buffers.get(total, bucket[0].dtype, like=bucket[0])

@@ -95,7 +95,7 @@ def test_broadcast_and_allgather_on_every_path(rs, config):
             x = rank_data((n,), "float32", seed=R)
             got = rs.broadcast(x, root=root)
             assert_everywhere(np.array_equal(got, COMM.bcast(x, root=root)), f"{config}: broadcast {n} from {root}")
-        rows = rank_data((n // 100 * (R + 1), 2), "int16", seed=n + R)     # ragged, up to ~1.4 MB
+        rows = rank_data((n // 100 * (R + 1), 2), "int16", seed=n + R)     # ragged, up to ~11 KB
         got = rs.allgather(rows)
         assert_everywhere(np.array_equal(got, np.concatenate(COMM.allgather(rows))), f"{config}: allgather {n}")
 
@@ -106,7 +106,8 @@ def test_broadcast_and_allgather_with_a_joined_rank_on_every_path(rs, config):
     if R != P - 1:
         b = rs.broadcast(np.full(70_000, 7.0), root=0)
         g = rs.allgather(np.full((R + 1, 2), R, dtype=np.int32))
-        ok = np.array_equal(b, np.full(70_000, 7.0)) and g.shape == ((P - 1) * P // 2, 2)
+        want = np.concatenate([np.full((r + 1, 2), r, dtype=np.int32) for r in range(P - 1)])
+        ok = np.array_equal(b, np.full(70_000, 7.0)) and np.array_equal(g, want)
     rs.join()
     assert_everywhere(ok, f"{config}: broadcast or allgather with a joined rank")
 
@@ -220,21 +221,53 @@ def separate_arrays(dtype, seed):
     return [data[lo:hi].copy() for lo, hi in itertools.pairwise(bounds)]     # separate allocations
 
 
+@pytest.fixture
+def unpacked(monkeypatch):
+    """Counts the buckets fusion.py reduces as they lie (algorithms/scattered.py)."""
+    from ringsync import fusion
+
+    made, scattered = [], fusion.Scattered
+
+    def counted(arrays):
+        made.append(len(arrays))
+        return scattered(arrays)
+
+    monkeypatch.setattr(fusion, "Scattered", counted)
+    return made
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
-def test_separate_arrays_give_the_bits_of_their_concatenation_on_every_path(rs, config, dtype):
-    from ringsync.collectives import unpacked_fusion
-
-    assert_everywhere(unpacked_fusion(sum(SEPARATE) * np.dtype(dtype).itemsize, np.dtype(dtype), "sum")
-                      == (config != "p2p" and P > 1), f"{config}: fusion takes the arrays as they lie")
+def test_separate_arrays_give_the_bits_of_their_concatenation_on_every_path(rs, config, dtype, unpacked):
     for op in OPS:
         arrays = separate_arrays(dtype, seed=7)
         reference = rs.allreduce(np.concatenate(arrays), op=op)
+        del unpacked[:]
         rs.grouped_allreduce_(arrays, op=op)
         got = np.concatenate(arrays)
         assert_everywhere(np.array_equal(got, reference, equal_nan=True),
                           f"{config}: {op} {dtype} of separate arrays differs from their concatenation's")
         assert_everywhere(same_bits_everywhere(got), "results are not bitwise identical across ranks")
+        as_they_lie = config != "p2p" and P > 1 and not (op == "average" and dtype == "int32")
+        assert_everywhere(unpacked == ([len(SEPARATE)] if as_they_lie else []),
+                          f"{config}: {op} {dtype}: buckets reduced as they lie {unpacked}")
+
+
+@pytest.mark.mpi
+def test_an_array_twice_or_overlapping_views_are_packed_not_reduced_twice(rs, config, unpacked):
+    a = np.full(100_000, 1.0 + R, np.float32)
+    b = np.full(100_000, 1.0 + R, np.float32)
+    base = np.full(300_000, 1.0 + R, np.float32)
+    for arrays in ([a, a], [b, base[:200_000], base[100_000:]]):
+        rs.grouped_allreduce_(arrays)
+        total = P * (P + 1) / 2
+        ok = all(np.all(x == total) for x in arrays[:1]) and not unpacked
+        assert_everywhere(ok, f"{config}: overlapping arrays in a bucket")
+        a[...], b[...], base[...] = 1.0 + R, 1.0 + R, 1.0 + R
+    views = [base[:100_000], base[200_000:]]                    # separate views of one array
+    rs.grouped_allreduce_(views)
+    assert_everywhere(all(np.all(v == P * (P + 1) / 2) for v in views)
+                      and unpacked == ([2] if config != "p2p" and P > 1 else []), f"{config}: separate views")
 
 
 @pytest.mark.mpi(min_size=2)

@@ -13,11 +13,11 @@ Within one node of L ranks, for each piece of the buffer that fits a slot:
   3. copy out    every rank copies every finished chunk from its owner's slot.
 
 Each chunk is reduced once, by one rank, in one order, and then copied: every rank gets the
-same bits. A fusion bucket of separate arrays (scattered.py) is copied in and out the same
-way, array by array, with no fusion buffer between. A rank moves n bytes in, n out and reads n to reduce its share, with no message
-and two sync points per piece, which cost well under a microsecond each. Pieces alternate
-between a rank's two slots, so one rank may already copy in the next piece while another
-still copies out the last.
+same bits. A rank moves n bytes in, n out and reads n to reduce its share, with no message
+and two sync points per piece, which cost well under a microsecond each. (A fusion bucket
+of separate arrays, scattered.py, is copied in and out the same way, array by array, with
+no fusion buffer between.) Pieces alternate between a rank's two slots, so one rank may
+already copy in the next piece while another still copies out the last.
 
 Zero-copy. When the buffer itself lives in a shared window (a FlatBuffer made with
 shared=True, as the trainer's gradients are), step 1 disappears: the owners read the
@@ -26,7 +26,8 @@ everyone then copies the finished chunks from the owners' buffers. One more sync
 end keeps any rank from changing its buffer while another still reads it.
 
 Broadcast and all-gather on one node take the same road (below): the root, or every rank,
-copies a piece into its slot, one sync, and the others copy it out. No message at all.
+copies its data into its slot, one sync, and the others copy it out, with no message (an
+all-gather only while every rank's block fits one slot; larger ones go around the ring).
 
 Across nodes (Horovod's hierarchical all-reduce), with nodes of L_j ranks and G = the largest
 L_j: cut each piece into G chunks. On node j, local rank l owns the chunks c with
@@ -193,19 +194,14 @@ def shared_broadcast_(flat: np.ndarray, seg: NodeSegment, root: int) -> np.ndarr
 
 
 def shared_allgather_(blocks: Sequence[np.ndarray], seg: NodeSegment, owned: int) -> None:
-    """Every node rank's block to every rank: blocks[q] is node rank q's (1-D, one dtype; sizes
-    may differ but every rank passes the same), and this rank holds blocks[owned]. As
-    ring.py's ring_allgather_, through the slots: each rank copies a piece of its block into
-    its slot, one sync, and copies the others' pieces out."""
-    dtype = blocks[owned].dtype
-    piece = seg.capacity(dtype.itemsize)
-    longest = max(block.size for block in blocks)
-    for start in range(0, longest, piece):
-        slots = seg.views(seg.begin(), dtype, min(piece, longest - start))
-        mine = blocks[owned][start:start + piece]
-        slots[owned][:mine.size] = mine
-        seg.sync()
-        for q, block in enumerate(blocks):
-            if q != owned:
-                part = block[start:start + piece]
-                part[...] = slots[q][:part.size]
+    """Every node rank's block to every rank, in one episode: blocks[q] is node rank q's (1-D,
+    one dtype, each fitting one slot; sizes may differ but every rank passes the same), and
+    this rank holds blocks[owned]. As ring.py's ring_allgather_, through the slots: each rank
+    copies its block into its slot, one sync, and copies the others' blocks out. (Larger
+    blocks go around the ring: collectives.py's _allgather_blocks.)"""
+    slots = seg.views(seg.begin(), blocks[owned].dtype, max(block.size for block in blocks))
+    slots[owned][:blocks[owned].size] = blocks[owned]
+    seg.sync()
+    for q, block in enumerate(blocks):
+        if q != owned:
+            block[...] = slots[q][:block.size]
