@@ -5,8 +5,8 @@
   p2p   RINGSYNC_TRANSPORT=p2p: the opening by messages, then a binomial tree (broadcast)
         or the ring (all-gather)
   shm   RINGSYNC_TRANSPORT=shm (what auto picks on one node): the opening and the data
-        through the node's segment (an all-gather whose blocks pass one slot goes around
-        the ring even here)
+        through the node's segment (but a broadcast above RINGSYNC_SMALL_BYTES takes the
+        tree, and an all-gather whose blocks pass one slot the ring, even here)
   mpi   MPI's Bcast and Allgather
 Sizes are per rank (the broadcast buffer; each rank's all-gather block). ringsync is
 re-initialized for each transport in every round, and the rounds alternate, so drift in the

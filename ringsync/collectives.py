@@ -452,14 +452,17 @@ def _broadcast(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
 
 
 def broadcast_flat_(flat: np.ndarray, root: int, shared: bool = True) -> None:
-    """The broadcast itself, after the opening (join.py's joined ranks call it directly): on one
-    node through its shared memory, else (or not `shared`) down a binomial tree of messages.
+    """The broadcast itself, after the opening (join.py's joined ranks call it directly): a
+    small one (RINGSYNC_SMALL_BYTES at most) on one node through its shared memory, else (or
+    not `shared`) down a binomial tree of messages.
 
-    A call redone because ranks have joined goes by messages on every rank (shared=False):
-    a joined rank cannot tell whether the others' buffers are on a GPU, whose broadcast is
-    the same tree of messages."""
+    Larger broadcasts take the tree even on one node: through the slots they ran 0.56-0.79x
+    the tree's time in most launches but 2-4x in some (benchmarks/broadcast_allgather.py),
+    where the ranks wait while the root alone copies. A call redone because ranks have
+    joined goes by messages on every rank (shared=False): a joined rank cannot tell whether
+    the others' buffers are on a GPU, whose broadcast is the same tree of messages."""
     w = world()
-    if shared and w.single_node:
+    if shared and w.single_node and flat.nbytes <= w.settings.small_bytes:
         shared_broadcast_(flat, w.node, root)
     else:
         tree_broadcast_(flat, w.comm, root)
