@@ -115,8 +115,8 @@ def choose(nbytes: int, p: int, settings: Settings, shared: bool = False, small:
     the World's, which is larger on one node in shared memory: config.small_limit). With
     shared memory within the node (`shared`), the rest goes through it (algorithms/shared.py).
     Otherwise the ring (least traffic), pipelined only when a chunk spans several segments:
-    below that, segments add messages
-    and save nothing, as a one-segment chunk fits in the cache anyway.
+    below that, segments add messages and save nothing, as a one-segment chunk fits in the
+    cache anyway.
     """
     if settings.allreduce != "auto":
         return settings.allreduce

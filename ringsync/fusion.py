@@ -99,7 +99,7 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     Memory is what matters: if the arrays tile bytes [start, end) of the first one's owner
     exactly, in order, then reducing that slice of the owner reduces each array exactly once.
     """
-    dtype = arrays[0].dtype if arrays else None
+    dtype = getattr(arrays[0], "dtype", None) if arrays else None
     first = begin = end = None
     for a in arrays:                     # one pass; separate arrays fail at the second one
         if not (isinstance(a, np.ndarray) or is_device_array(a)) or a.dtype != dtype:
@@ -172,7 +172,8 @@ def reduce_bucket_span_(span: np.ndarray | Scattered, op: str, shapes: tuple[tup
 
 
 def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
-    """One ring all-reduce for the whole bucket: in place if adjacent, else via the buffer."""
+    """One all-reduce for the whole bucket: in place if adjacent; through shared memory, from
+    and into the arrays where they lie; else packed into the fusion buffer."""
     span = bucket[0].reshape(-1) if len(bucket) == 1 else contiguous_span(bucket)
     shapes = tuple(a.shape for a in bucket)
     if span is not None:
