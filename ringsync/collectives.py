@@ -508,19 +508,35 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
             raise ValueError(f"x has {arr.ndim} dimensions; allgather supports at most {_MAX_NDIM}")
         check_name(name)
     device = gpu.is_device_array(arr)
-    guard = world().checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], place=DEVICE if device else 0,
-                                name=name)
-    return allgather_rows(arr, shared=_agree_or_settle(guard))
+    w = world()
+    guard = w.checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], place=DEVICE if device else 0, name=name)
+    row = _layout_row(arr)
+    if guard is None or row.nbytes > guard.payload_limit:      # (RINGSYNC_SMALL_BYTES < 88)
+        return allgather_rows(arr, shared=_agree_or_settle(guard))
+    # Every rank's layout rides on the opening, which is an all-gather of blocks itself.
+    slots = guard.slots(row.dtype, row.size)        # slots[i]: rank r+i's
+    slots[0][...] = row
+    guard.agree(row.nbytes)
+    if guard.bad:
+        guard.settle()                  # raises on every rank, unless ranks have joined
+        return allgather_rows(arr, shared=False)
+    return allgather_rows(arr, layouts=[slots[(q - w.rank) % w.size].tolist() for q in range(w.size)])
 
 
-def allgather_rows(arr: np.ndarray, shared: bool = True) -> np.ndarray:
+def allgather_rows(arr: np.ndarray, shared: bool = True, layouts: list[list[int]] | None = None) -> np.ndarray:
     """The all-gather itself, after the opening (join.py's joined ranks call it directly;
-    `shared` as for broadcast_flat_).
+    `shared` as for broadcast_flat_): `layouts` are every rank's _layout_row, in rank order,
+    when the opening has carried them, else exchanged here.
 
     The layouts are small lists of Python ints: a NumPy call on a few numbers costs more
     than the whole exchange of a small all-gather."""
     w = world()
-    firsts = _exchange_layouts(arr, shared)
+    if layouts is None:
+        table = np.zeros((w.size, _LAYOUT_INTS), dtype=np.int64)
+        table[w.rank] = _layout_row(arr)
+        _allgather_blocks(list(table), shared)
+        layouts = table.tolist()
+    firsts = _agreed_first_dims(layouts)
     xp = gpu.array_module(arr)
     with gpu.on_device_of(arr):         # the output lives on arr's GPU, not the current one
         out = xp.empty((sum(firsts),) + arr.shape[1:], dtype=arr.dtype)
@@ -543,17 +559,19 @@ def allgather_rows(arr: np.ndarray, shared: bool = True) -> np.ndarray:
 
 
 _MAX_NDIM = 8
+_LAYOUT_INTS = 3 + _MAX_NDIM
 
 
-def _exchange_layouts(arr: np.ndarray, shared: bool) -> list[int]:
-    """Share (first dim, dtype, ndim, trailing dims) among ranks; raise on all if they clash.
-    Returns every rank's first dimension."""
-    w = world()
-    table = np.zeros((w.size, 3 + _MAX_NDIM), dtype=np.int64)
-    table[w.rank, :3 + arr.ndim - 1] = (arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim,
-                                        *arr.shape[1:])
-    _allgather_blocks(list(table), shared)
-    rows = table.tolist()
+def _layout_row(arr: np.ndarray) -> np.ndarray:
+    """(first dim, dtype, ndim, trailing dims...) as _LAYOUT_INTS int64s: what ranks compare."""
+    row = np.zeros(_LAYOUT_INTS, dtype=np.int64)
+    row[:3 + arr.ndim - 1] = (arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim, *arr.shape[1:])
+    return row
+
+
+def _agreed_first_dims(rows: list[list[int]]) -> list[int]:
+    """Every rank's first dimension, from every rank's layout row; ValueError (on every rank,
+    as every rank sees the same rows) if dtypes or trailing shapes differ."""
     differ = [r for r, row in enumerate(rows) if row[1:] != rows[0][1:]]
     if differ:
         def layout(r: int) -> str:

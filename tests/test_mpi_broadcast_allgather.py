@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import assert_everywhere, same_bits_everywhere
+from mpitools import assert_everywhere, ringsync_settings, same_bits_everywhere
 
 COMM = MPI.COMM_WORLD
 
@@ -53,3 +53,13 @@ def test_barrier_returns_on_every_rank(rs):
     for _ in range(3):
         rs.barrier()
     assert_everywhere(True)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("transport", ["p2p", "shm"])
+def test_allgather_layouts_too_big_for_the_opening_go_separately(rs, transport):
+    # The layouts (88 bytes a rank) ride on the opening when its payload holds them.
+    with ringsync_settings(RINGSYNC_SMALL_BYTES="64", RINGSYNC_SHM_SMALL_BYTES="64", RINGSYNC_TRANSPORT=transport):
+        x = np.arange((COMM.rank + 1) * 3, dtype=np.int32).reshape(COMM.rank + 1, 3)
+        got = rs.allgather(x)
+        assert_everywhere(np.array_equal(got, np.concatenate(COMM.allgather(x))))
