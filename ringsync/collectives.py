@@ -511,7 +511,7 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
     w = world()
     guard = w.checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], place=DEVICE if device else 0, name=name)
     row = _layout_row(arr)
-    if guard is None or row.nbytes > guard.payload_limit:      # (RINGSYNC_SMALL_BYTES < 88)
+    if guard is None or row.nbytes > guard.payload_limit:      # (a payload limit under 88 bytes)
         return allgather_rows(arr, shared=_agree_or_settle(guard))
     # Every rank's layout rides on the opening, which is an all-gather of blocks itself.
     slots = guard.slots(row.dtype, row.size)        # slots[i]: rank r+i's

@@ -26,8 +26,9 @@ everyone then copies the finished chunks from the owners' buffers. One more sync
 end keeps any rank from changing its buffer while another still reads it.
 
 Small broadcasts and all-gathers on one node take the same road (below): the root, or every
-rank, copies its data into its slot, one sync, and the others copy it out, with no message
-(collectives.py says which sizes: larger ones take the tree or the ring).
+rank, copies its data into its slot (piece by piece, if it is larger), one sync each, and
+the others copy it out, with no message (collectives.py says which sizes: larger ones take
+the tree or the ring).
 
 Across nodes (Horovod's hierarchical all-reduce), with nodes of L_j ranks and G = the largest
 L_j: cut each piece into G chunks. On node j, local rank l owns the chunks c with
