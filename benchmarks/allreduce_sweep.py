@@ -35,9 +35,7 @@ IMPLS = ("ringsync", "zerocopy", "teaching", "mpi", "gloo", "ceiling")
 
 def parse_args(argv: list[str] | None = None):
     ap = bl.Parser(prog="allreduce_sweep.py", description=__doc__.splitlines()[0])
-    ap.add_argument("-b", "--minbytes", type=bl.parse_size, default=bl.parse_size("4K"), help="smallest size (4K)")
-    ap.add_argument("-e", "--maxbytes", type=bl.parse_size, default=bl.parse_size("64M"), help="largest size (64M)")
-    ap.add_argument("-f", "--stepfactor", type=bl.positive_int, default=4, help="size multiplier (4)")
+    bl.add_size_range(ap, "4K", "64M", 4)
     ap.add_argument("-d", "--datatype", type=bl.parse_dtype, default=np.dtype("float32"), help="float, half, double, int32... (float)")
     ap.add_argument("-n", "--iters", type=bl.positive_int, default=20, help="calls per timed round (20)")
     ap.add_argument("-w", "--warmup_iters", type=bl.nonnegative_int, default=5, help="untimed calls first (5)")

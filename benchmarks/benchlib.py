@@ -78,6 +78,13 @@ nonnegative_int = int_at_least(0)
 nonnegative_float = float_at_least(0.0)
 
 
+def add_size_range(ap: argparse.ArgumentParser, smallest: str, largest: str, factor: int) -> None:
+    """nccl-tests' -b/-e/-f: sizes from `smallest` to `largest` (K/M/G suffixes), times `factor`."""
+    ap.add_argument("-b", "--minbytes", type=parse_size, default=parse_size(smallest), help=f"smallest size ({smallest})")
+    ap.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size(largest), help=f"largest size ({largest})")
+    ap.add_argument("-f", "--stepfactor", type=positive_int, default=factor, help=f"size multiplier ({factor})")
+
+
 def size_list(begin: int, end: int, factor: int) -> list[int]:
     """begin, begin*factor, ... up to end inclusive (factor 1 or begin == end: just begin)."""
     if end < begin:

@@ -29,9 +29,7 @@ TRANSPORTS = ("p2p", "shm")
 
 def main(argv: list[str] | None = None) -> int:
     ap = bl.Parser(prog="broadcast_allgather.py", description=__doc__.splitlines()[0])
-    ap.add_argument("-b", "--minbytes", type=bl.parse_size, default=bl.parse_size("1K"), help="smallest size (1K)")
-    ap.add_argument("-e", "--maxbytes", type=bl.parse_size, default=bl.parse_size("8M"), help="largest size (8M)")
-    ap.add_argument("-f", "--stepfactor", type=bl.positive_int, default=8, help="size factor (8)")
+    bl.add_size_range(ap, "1K", "8M", 8)
     ap.add_argument("-r", "--rounds", type=bl.positive_int, default=7, help="interleaved rounds (7)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)

@@ -50,6 +50,8 @@ def test_dtype_names():
     ("straggler.py", ["--ranks", "2", "--slow-rank", "5"]),
     ("broadcast_allgather.py", ["-b", "8M", "-e", "1K"]),
     ("broadcast_allgather.py", ["-r", "0"]),
+    ("handoff.py", ["-b", "8M", "-e", "1K"]),
+    ("handoff.py", ["-b", "4K", "-r", "0"]),
     ("train_step.py", ["--transports", "p2p,tcp"]),
     ("train_step.py", ["--transports", "p2p,p2p"]),
 ])
@@ -99,6 +101,18 @@ def test_broadcast_allgather_runs_per_transport(tmp_path):
     assert [(r["collective"], r["bytes"]) for r in rows] == [
         (c, n) for c in ("broadcast", "allgather") for n in (1024, 8192, 65536)]
     assert all(r["check"] == "ok" and r["p2p_us"] > 0 and r["shm_us"] > 0 for r in rows)
+
+
+def test_handoff_times_every_copy(tmp_path):
+    out = tmp_path / "handoff.json"
+    done = run_mpi(2, [str(ROOT / "benchmarks" / "handoff.py"), "-b", "4K", "-e", "256K", "-f", "8", "-r", "1",
+                       "--json", str(out)], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["bytes"] for r in rows] == [4096, 32768, 262144]
+    steps = ("private", "trapped", "copy_", "shared", "handoff", "read", "add", "mpi")
+    assert all(r[f"{s}_us"] > 0 for r in rows for s in steps)
+    assert all(r["trapped_over_private"] == pytest.approx(r["trapped_us"] / r["private_us"]) for r in rows)
 
 
 def test_train_step_measures_both_transports(tmp_path):

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 from mpitools import assert_everywhere, exact_integer_allreduce, ringsync_settings, same_bits_everywhere
+from test_memcopy import at_page_offset
 from test_mpi_allreduce import DTYPES, OPS, check_against_oracle, rank_data
 
 from ringsync.context import world
+from ringsync.transport.memcopy import PAGE, address
 
 COMM = MPI.COMM_WORLD
 R, P = COMM.rank, COMM.size
@@ -110,6 +112,56 @@ def test_broadcast_and_allgather_with_a_joined_rank_on_every_path(rs, config):
         ok = np.array_equal(b, np.full(70_000, 7.0)) and np.array_equal(g, want)
     rs.join()
     assert_everywhere(ok, f"{config}: broadcast or allgather with a joined rank")
+
+
+# --- memcpy's trap (transport/memcopy.py) -----------------------------------------------------
+
+def trap_offsets() -> list[int]:
+    """Page offsets for a user buffer that put its copies to or from some rank's slot in memcpy's
+    trap: 16 bytes before or after each slot's offset on any node (the same list on every rank)."""
+    node = world().node
+    mine = {address(s) % PAGE for parity in node.slots for s in parity} if node is not None else set()
+    slots = set().union(*COMM.allgather(mine))
+    return sorted({(o + d) % PAGE for o in slots for d in (-16, 16)}) or [0]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nodes", ["one", "of-2"])
+def test_buffers_in_memcpys_trap_reduce_broadcast_and_gather_alike(rs, nodes):
+    with ringsync_settings(RINGSYNC_TRANSPORT="shm", RINGSYNC_NODE_SIZE="0" if nodes == "one" else "2"):
+        copies_in_memcpys_trap(rs, nodes)
+
+
+def copies_in_memcpys_trap(rs, config):
+    """With the default slots (1 MB): the copies are large enough to be checked (memcopy.py)."""
+    for n in (20_000, 300_000):     # 80 KB rides on the opening; 1.2 MB crosses pieces
+        for offset in trap_offsets():
+            x = at_page_offset(n, np.float32, offset)
+            x[...] = rank_data((n,), "float32", seed=offset)
+            plain = x.copy()
+            rs.allreduce_(x)
+            rs.allreduce_(plain)
+            assert_everywhere(np.array_equal(x, plain) and same_bits_everywhere(x),
+                              f"{config}: allreduce of {n} at page offset {offset}")
+            x[...] = rank_data((n,), "float32", seed=offset)
+            want = COMM.bcast(x.copy(), root=0)
+            rs.broadcast_(x, root=0)
+            assert_everywhere(np.array_equal(x, want), f"{config}: broadcast at page offset {offset}")
+    for offset in trap_offsets():   # each rank's block in the trap against its slot
+        block = at_page_offset(20_000, np.int32, offset)
+        block[...] = rank_data((20_000,), "int32", seed=R)
+        assert_everywhere(np.array_equal(rs.allgather(block), np.concatenate(COMM.allgather(block))),
+                          f"{config}: allgather at page offset {offset}")
+
+
+@pytest.mark.mpi
+def test_a_shared_flatbuffer_whose_parts_lie_in_memcpys_trap(rs, shm):
+    n = (100 * PAGE + 16) // 4      # above the small limit; rank q's part lies 16 bytes further into a page
+    with rs.FlatBuffer([(n,)], np.int32, shared=True) as fb:
+        fb.flat[...] = rank_data((n,), "int32", seed=9)
+        rs.grouped_allreduce_(fb.views)
+        ok = np.array_equal(fb.flat, exact_integer_allreduce(rank_data((n,), "int32", 9), "sum"))
+    assert_everywhere(ok, "a shared FlatBuffer of 100 pages + 16 bytes")
 
 
 # --- the zero-copy FlatBuffer ----------------------------------------------------------------

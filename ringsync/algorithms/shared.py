@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from ..transport.memcopy import copy_
 from ..transport.shm import NodeSegment
 from .ring import chunk_bounds, ring_allreduce_
 from .scattered import Scattered
@@ -104,7 +105,7 @@ def shared_allreduce_(flat: np.ndarray | Scattered, seg: NodeSegment, reduce: np
         if in_place:                                    # 1. copy in, only the chunks others
             for c, (lo, hi) in enumerate(bounds):       # reduce
                 if c % L != me:
-                    slots[me][lo:hi] = part[lo:hi]
+                    copy_(slots[me][lo:hi], part[lo:hi])
         elif contiguous:                                # (divided, for an average)
             np.divide(part, prescale, out=slots[me])
         else:
@@ -125,7 +126,7 @@ def shared_allreduce_(flat: np.ndarray | Scattered, seg: NodeSegment, reduce: np
         seg.sync()
         for c, (lo, hi) in enumerate(bounds):           # 3. copy out
             if contiguous:
-                part[lo:hi] = slots[c % L][lo:hi]
+                copy_(part[lo:hi], slots[c % L][lo:hi])
             else:
                 flat.write(start + lo, start + hi, slots[c % L][lo:hi])
     return flat
@@ -141,7 +142,7 @@ def shared_gathered_allreduce_(flat: np.ndarray, seg: NodeSegment, reduce: np.uf
     if prescale:
         np.divide(flat, prescale, out=slots[seg.rank])
     else:
-        slots[seg.rank][...] = flat
+        copy_(slots[seg.rank], flat)
     seg.sync()
     if seg.size == 1:
         flat[...] = slots[0]
@@ -171,7 +172,7 @@ def shared_allreduce_in_place_(flat: np.ndarray, peers: Sequence[np.ndarray], se
     seg.sync()                                          # every chunk is finished
     for q, (lo, hi) in enumerate(bounds):
         if q != me and hi > lo:
-            flat[lo:hi] = peers[q][lo:hi]
+            copy_(flat[lo:hi], peers[q][lo:hi])
     seg.sync()                                          # nobody reads my buffer any more
     return flat
 
@@ -187,10 +188,10 @@ def shared_broadcast_(flat: np.ndarray, seg: NodeSegment, root: int) -> np.ndarr
         part = flat[start:start + piece]
         slots = seg.views(seg.begin(), flat.dtype, part.size)
         if seg.rank == root:
-            slots[root][...] = part
+            copy_(slots[root], part)
         seg.sync()
         if seg.rank != root:
-            part[...] = slots[root]
+            copy_(part, slots[root])
     return flat
 
 
@@ -201,8 +202,8 @@ def shared_allgather_(blocks: Sequence[np.ndarray], seg: NodeSegment, owned: int
     copies its block into its slot, one sync, and copies the others' blocks out. (Larger
     blocks go around the ring: collectives.py's _allgather_blocks.)"""
     slots = seg.views(seg.begin(), blocks[owned].dtype, max(block.size for block in blocks))
-    slots[owned][:blocks[owned].size] = blocks[owned]
+    copy_(slots[owned][:blocks[owned].size], blocks[owned])
     seg.sync()
     for q, block in enumerate(blocks):
         if q != owned:
-            block[...] = slots[q][:block.size]
+            copy_(block, slots[q][:block.size])

@@ -1,0 +1,68 @@
+"""transport/memcopy.py: copies that step around memcpy's trap give the same bits, trapped or not."""
+import numpy as np
+import pytest
+
+from ringsync import ops
+from ringsync.transport import memcopy
+from ringsync.transport.memcopy import CHECKED_BYTES, PAGE, address, copy_, in_trap
+
+
+def at_page_offset(n: int, dtype, offset: int) -> np.ndarray:
+    """An array of n elements whose first byte lies `offset` bytes into a page."""
+    raw = np.zeros(n * np.dtype(dtype).itemsize + 2 * PAGE, np.uint8)
+    start = (offset - address(raw)) % PAGE
+    return raw[start:start + n * np.dtype(dtype).itemsize].view(dtype)
+
+
+def test_in_trap_is_a_destination_just_past_the_source_modulo_a_page():
+    assert [in_trap(PAGE * 7 + d, 0) for d in (0, 1, 16, 63, 64, PAGE - 16)] == [False, True, True, True, False, False]
+    assert in_trap(5 * PAGE + 100, 3 * PAGE + 90) and not in_trap(3 * PAGE + 90, 5 * PAGE + 100)
+
+
+@pytest.mark.parametrize("dtype", ops.SUPPORTED_DTYPES)
+@pytest.mark.parametrize("gap", [0, 16, 48, 64, PAGE - 16])
+def test_copy_gives_the_same_bits_trapped_or_not(dtype, gap):
+    n = CHECKED_BYTES // np.dtype(dtype).itemsize + 3
+    src, dst = at_page_offset(n, dtype, 256), at_page_offset(n, dtype, 256 + gap)
+    bits = np.random.default_rng(gap).integers(0, 256, size=src.nbytes, dtype=np.uint8)
+    src.view(np.uint8)[...] = bits          # every bit pattern: NaN payloads, -0.0, subnormals
+    if np.dtype(dtype).kind == "f":
+        src[:4] = [np.nan, -0.0, np.inf, -np.nan]
+    copy_(dst, src)
+    assert dst.tobytes() == src.tobytes()
+    assert in_trap(address(dst), address(src)) == (0 < gap < 64)
+
+
+def test_the_trapped_copy_takes_the_loop_not_memcpy(monkeypatch):
+    src = at_page_offset(CHECKED_BYTES // 4, np.float32, 0)
+    src[...] = np.arange(src.size)
+    used = []
+    real = np.bitwise_or
+
+    class Spy:      # memcopy's `np`, with bitwise_or recorded
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def bitwise_or(*args, **kwargs):
+            used.append(True)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(memcopy, "np", Spy())
+    for gap, trapped in ((16, True), (128, False)):
+        used.clear()
+        dst = at_page_offset(src.size, np.float32, gap)
+        copy_(dst, src)
+        assert np.array_equal(dst, src) and bool(used) == trapped
+    small = at_page_offset(100, np.float32, 16)
+    used.clear()
+    copy_(small, src[:100])                 # below CHECKED_BYTES: never checked
+    assert np.array_equal(small, src[:100]) and not used
+
+
+def test_address_of_read_only_and_empty_arrays():
+    a = np.arange(10.0)
+    ro = a[2:]
+    ro.flags.writeable = False
+    assert address(ro) == address(a) + 16
+    assert isinstance(address(np.empty(0)), int)
