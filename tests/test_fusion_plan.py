@@ -102,3 +102,26 @@ def test_scattered_arrays_read_and_write_as_their_concatenation(sizes, cut):
     buf.write(lo, hi, -out)
     whole[lo:hi] *= -1
     assert np.array_equal(np.concatenate(arrays), whole)      # only [lo, hi) changed
+
+
+def test_scattered_with_a_large_array_in_memcpys_trap():
+    """An array large enough for memcpy's trap (transport/memcopy.py) is copied with copy_; here
+    it lies in the trap against the slot it is read into, then against the one written from."""
+    from test_memcopy import at_page_offset
+
+    from ringsync.transport.memcopy import CHECKED_BYTES, address, in_trap
+
+    big = at_page_offset(CHECKED_BYTES // 4 + 5, np.float32, 16)
+    big[...] = np.arange(big.size)
+    arrays = [np.arange(3, dtype=np.float32), big, np.full(7, -2.0, np.float32)]
+    buf = Scattered(arrays)
+    assert buf.large and not Scattered([arrays[0], arrays[2]]).large
+    for slot_offset, reading in ((20, True), (4080, False)):      # big lands at slot + 12 bytes
+        whole = np.concatenate(arrays)
+        slot = at_page_offset(whole.size, np.float32, slot_offset)
+        at = address(slot) + 12
+        assert in_trap(at, address(big)) if reading else in_trap(address(big), at)
+        buf.read(0, whole.size, slot)
+        assert slot.tobytes() == whole.tobytes()
+        buf.write(0, whole.size, -slot)
+        assert np.array_equal(np.concatenate(arrays), -whole)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..transport.memcopy import CHECKED_BYTES, copy_
+
 
 class Scattered:
     """Arrays of one dtype, seen as elements [0, size) of their concatenation, in order.
@@ -24,16 +26,19 @@ class Scattered:
     run in NumPy, and an array that lies whole inside a range is used as it is, not sliced.
     """
 
-    __slots__ = ("arrays", "dtype", "itemsize", "nbytes", "shape", "size", "starts")
+    __slots__ = ("arrays", "dtype", "itemsize", "large", "nbytes", "shape", "size", "starts")
 
     def __init__(self, arrays: Sequence[np.ndarray]) -> None:
         self.arrays = [a if a.ndim == 1 else a.reshape(-1) for a in arrays]
-        self.starts = list(itertools.accumulate([a.size for a in self.arrays], initial=0))
+        sizes = [a.size for a in self.arrays]
+        self.starts = list(itertools.accumulate(sizes, initial=0))
         self.size = self.starts[-1]
         self.dtype = self.arrays[0].dtype
         self.itemsize = self.dtype.itemsize
         self.nbytes = self.size * self.itemsize
         self.shape = (self.size,)
+        # Whether some array is large enough for memcpy's trap to matter (transport/memcopy.py)
+        self.large = max(sizes, default=0) * self.itemsize >= CHECKED_BYTES
 
     def _parts(self, lo: int, hi: int) -> list[np.ndarray]:
         """The parts of the arrays that hold elements [lo, hi), in order (empty ones left out)."""
@@ -51,15 +56,23 @@ class Scattered:
 
     def read(self, lo: int, hi: int, out: np.ndarray) -> None:
         """out[:] = elements [lo, hi)."""
-        if hi > lo:
+        if hi > lo and not self.large:
             np.concatenate(self._parts(lo, hi), out=out)    # (one NumPy call for all the copies)
+        elif hi > lo:
+            at = 0
+            for part in self._parts(lo, hi):
+                copy_(out[at:at + part.size], part)
+                at += part.size
 
     def write(self, lo: int, hi: int, src: np.ndarray) -> None:
         """Elements [lo, hi) = src."""
         at = 0
         for part in self._parts(lo, hi):
             n = part.size
-            part[...] = src[at:at + n]          # (cheaper than np.copyto for many small copies)
+            if self.large:
+                copy_(part, src[at:at + n])
+            else:
+                part[...] = src[at:at + n]      # (cheaper than np.copyto or copy_ for many small copies)
             at += n
 
     def all_finite(self) -> bool:
