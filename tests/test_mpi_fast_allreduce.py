@@ -78,7 +78,7 @@ def test_fast_paths_match_teaching_ring_and_mpi(algorithm, dtype):
                     ok = bool(np.all(np.abs(got.astype(np.float64) - oracle) <= bound))
                 if not is_float or op != "sum":  # exact results: equal to the oracle
                     ok = ok and np.array_equal(got.astype(wide.dtype), oracle)
-                if not (ok and same_bits_everywhere(got)):
+                if not (same_bits_everywhere(got) and ok):     # (the collective first, on every rank)
                     failures.append((n, op, segment))
                 if algorithm == "doubling":
                     break  # segments mean nothing to doubling
@@ -107,7 +107,7 @@ def test_front_door_honours_the_algorithm_setting(rs, algorithm):
             oracle = np.empty_like(x)
             COMM.Allreduce(x, oracle, op=MPI.SUM)
             got = rs.allreduce(x, op="sum")
-            ok = np.allclose(got, oracle, rtol=1e-12) and same_bits_everywhere(got)
+            ok = same_bits_everywhere(got) and np.allclose(got, oracle, rtol=1e-12)     # (collective first)
             if algorithm in ("ring", "pipelined"):   # checked ring, pipelined ring: ring.py's bits
                 ok = ok and np.array_equal(got.view(np.uint8),
                                            ring_allreduce_(x.copy(), COMM, np.add).view(np.uint8))

@@ -141,7 +141,8 @@ def copies_in_memcpys_trap(rs, config):
             plain = x.copy()
             rs.allreduce_(x)
             rs.allreduce_(plain)
-            assert_everywhere(np.array_equal(x, plain) and same_bits_everywhere(x),
+            same = same_bits_everywhere(x)      # (collective: never behind `and`)
+            assert_everywhere(np.array_equal(x, plain) and same,
                               f"{config}: allreduce of {n} at page offset {offset}")
             x[...] = rank_data((n,), "float32", seed=offset)
             want = COMM.bcast(x.copy(), root=0)
@@ -344,8 +345,9 @@ def test_separate_arrays_split_differently_or_holding_nan_raise_everywhere(rs, s
     try:
         arrays = separate_arrays(np.float32, seed=1)
         arrays[4][7] = np.nan if R == P - 1 else 0
-        ok = ok and raised_everywhere(lambda: rs.grouped_allreduce_(arrays), FloatingPointError,
-                                      f"NaN or Inf in the input on rank {P - 1}")
+        nan_raised = raised_everywhere(lambda: rs.grouped_allreduce_(arrays), FloatingPointError,
+                                       f"NaN or Inf in the input on rank {P - 1}")   # (every rank calls)
+        ok = ok and nan_raised
     finally:
         checker.finite = False
     assert_everywhere(ok, "a different split or a NaN in separate arrays did not raise everywhere")
