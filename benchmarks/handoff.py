@@ -10,7 +10,8 @@ same at the same time, per size:
              the source: clear of memcpy's trap)
   trapped    the same copy with the destination 16 bytes past the source, modulo the page:
              memcpy's trap (ringsync/transport/memcopy.py)
-  copy_      that trapped copy through ringsync's copy_, which steps around the trap
+  copy_      that trapped copy through ringsync's copy_, which steps around the trap from
+             128 KB up to the L2 cache's size (smaller copies it leaves to memcpy)
   shared     copy into this rank's part of a shared window that no other rank reads
   handoff    the same copy, made after the next rank has read that part (as every call of
              the all-reduce does): the reader's cached copies must be invalidated first

@@ -34,6 +34,7 @@ def test_copy_gives_the_same_bits_trapped_or_not(dtype, gap):
 
 
 def test_the_trapped_copy_takes_the_loop_not_memcpy(monkeypatch):
+    monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)     # whatever this machine's L2
     src = at_page_offset(CHECKED_BYTES // 4, np.float32, 0)
     src[...] = np.arange(src.size)
     used = []
@@ -58,6 +59,10 @@ def test_the_trapped_copy_takes_the_loop_not_memcpy(monkeypatch):
     used.clear()
     copy_(small, src[:100])                 # below CHECKED_BYTES: never checked
     assert np.array_equal(small, src[:100]) and not used
+    monkeypatch.setattr(memcopy, "TRAP_ENDS", src.nbytes)
+    dst = at_page_offset(src.size, np.float32, 16)
+    copy_(dst, src)                         # from the L2's size on, memcpy has no trap
+    assert np.array_equal(dst, src) and not used
 
 
 def test_address_of_read_only_and_empty_arrays():

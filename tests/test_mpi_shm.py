@@ -134,7 +134,7 @@ def test_buffers_in_memcpys_trap_reduce_broadcast_and_gather_alike(rs, nodes):
 
 def copies_in_memcpys_trap(rs, config):
     """With the default slots (1 MB): the copies are large enough to be checked (memcopy.py)."""
-    for n in (20_000, 300_000):     # 80 KB rides on the opening; 1.2 MB crosses pieces
+    for n in (40_000, 150_000):     # 160 KB rides on the opening; 600 KB: chunks of 150-300 KB
         for offset in trap_offsets():
             x = at_page_offset(n, np.float32, offset)
             x[...] = rank_data((n,), "float32", seed=offset)
@@ -149,8 +149,8 @@ def copies_in_memcpys_trap(rs, config):
             rs.broadcast_(x, root=0)
             assert_everywhere(np.array_equal(x, want), f"{config}: broadcast at page offset {offset}")
     for offset in trap_offsets():   # each rank's block in the trap against its slot
-        block = at_page_offset(20_000, np.int32, offset)
-        block[...] = rank_data((20_000,), "int32", seed=R)
+        block = at_page_offset(40_000, np.int32, offset)
+        block[...] = rank_data((40_000,), "int32", seed=R)
         assert_everywhere(np.array_equal(rs.allgather(block), np.concatenate(COMM.allgather(block))),
                           f"{config}: allgather at page offset {offset}")
 

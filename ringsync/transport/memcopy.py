@@ -11,28 +11,63 @@ takes 9 us, or 128 us when the destination's address minus the source's is 16 mo
 buffer wherever NumPy put it, so about one buffer in a hundred falls in the trap, on every
 call, for as long as it lives: the all-reduce of a 256 KB buffer went from 61 to 208 us.
 
-copy_() looks at the two addresses first (cheap next to a copy this large) and, in the
-trap, copies with a NumPy loop instead of memcpy: a bitwise OR with 0 on unsigned views of
-the same bytes, the same bits in every case (NaN payloads and -0.0 included).
+copy_() looks at the two addresses first (remembered per array: cheap next to a copy of 128 KB)
+and, in the trap, copies with a NumPy loop instead of memcpy: a bitwise OR with 0 on unsigned
+views of the same bytes, the same bits in every case (NaN payloads and -0.0 included). Only
+copies smaller than the L2 cache are checked: glibc copies larger ones without rep movsb.
 """
 from __future__ import annotations
 
 import ctypes
+import os
+import weakref
 
 import numpy as np
 
 PAGE = 4096
 TRAP_BYTES = 64             # a destination 1..63 bytes past the source (mod PAGE) is in the trap
-CHECKED_BYTES = 64 << 10    # smaller copies are not checked: the trap would cost them a few us
+CHECKED_BYTES = 128 << 10   # smaller copies are not checked: the look costs 2-3 us, the trap them less
 _BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def address(a: np.ndarray) -> int:
-    """Where `a`'s first byte lies (through ctypes: a third of what __array_interface__ costs)."""
+def _l2_bytes() -> int:
+    """This core's L2 cache: on AMD, glibc stops using rep movsb there (dl-cacheinfo.h), and
+    the trap with it. 1 MiB where Linux does not say."""
+    caches = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+        for index in sorted(os.listdir(caches)):
+            with open(f"{caches}/{index}/level") as level, open(f"{caches}/{index}/size") as size:
+                if level.read().strip() == "2":
+                    text = size.read().strip().upper()
+                    return int(text[:-1]) << 10 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+TRAP_ENDS = _l2_bytes()     # larger copies are not checked: memcpy no longer uses rep movsb
+
+
+# Addresses looked up before, by array object: a slot's view, or a buffer the caller passes
+# every step, costs a dictionary look-up instead of 1-3 us. The weak reference tells a live
+# array from a new one that took a dead one's id. (An array resized in place would keep a
+# stale address: a slower copy at worst, never a wrong one.)
+_known: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def address(a: np.ndarray) -> int:
+    """Where `a`'s first byte lies."""
+    known = _known.get(id(a))
+    if known is not None and known[0]() is a:
+        return known[1]
+    try:                                # (ctypes: a third of what __array_interface__ costs)
+        at = ctypes.addressof(ctypes.c_char.from_buffer(a))
     except (TypeError, ValueError):     # read-only, or empty
-        return a.__array_interface__["data"][0]
+        at = a.__array_interface__["data"][0]
+    if len(_known) >= 4096:
+        _known.clear()
+    _known[id(a)] = (weakref.ref(a), at)
+    return at
 
 
 def in_trap(dst: int, src: int) -> bool:
@@ -42,7 +77,7 @@ def in_trap(dst: int, src: int) -> bool:
 
 def copy_(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[...] = src (same shape and dtype, contiguous), never through memcpy's trap."""
-    if dst.nbytes >= CHECKED_BYTES and in_trap(address(dst), address(src)):
+    if CHECKED_BYTES <= dst.nbytes < TRAP_ENDS and in_trap(address(dst), address(src)):
         bits = np.uint32 if dst.nbytes % 4 == 0 else _BITS[dst.itemsize]     # (NumPy's fastest loop)
         np.bitwise_or(src.view(bits), 0, out=dst.view(bits))
     else:
