@@ -144,7 +144,7 @@ bench-one: $(VENV)/.bench
 	  s=$$?; cat $(BENCH_DIR)/broadcast_allgather.txt; exit $$s
 	# What the shared-memory path's copies cost alone: memcpy's trap, coherence between cores
 	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/handoff.py \
-	  -b 4K -e 4M -f 4 -r 5 --json $(BENCH_DIR)/handoff.json > $(BENCH_DIR)/handoff.txt; \
+	  -b 4K -e 1M -f 4 -r 7 --json $(BENCH_DIR)/handoff.json > $(BENCH_DIR)/handoff.txt; \
 	  s=$$?; cat $(BENCH_DIR)/handoff.txt; exit $$s
 	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
 	# no train_step.json is left from an earlier run.

@@ -6,10 +6,10 @@ of the L2 cache with `rep movsb` on processors that announce fast short rep movs
 AMD Zen 3 and 4 among them; and on those AMD processors `rep movsb` slows down many times
 when the destination lies a few bytes past the source, counted modulo the 4 KB page
 (sourceware.org bug 30994). On this project's machine (AMD EPYC, glibc 2.36) a 256 KB copy
-takes 9 us, or 128 us when the destination's address minus the source's is 16 modulo
-4096 (benchmarks/handoff.py measures both). A slot lies at a fixed place, the user's
+takes 10 to 16 times as long when the destination's address minus the source's is 16
+modulo 4096 (benchmarks/handoff.py measures it). A slot lies at a fixed place, the user's
 buffer wherever NumPy put it, so about one buffer in a hundred falls in the trap, on every
-call, for as long as it lives: the all-reduce of a 256 KB buffer went from 61 to 208 us.
+call, for as long as it lives: the all-reduce of such a 256 KB buffer took three times as long.
 
 copy_() looks at the two addresses first (remembered per array: cheap next to a copy of 128 KB)
 and, in the trap, copies with a NumPy loop instead of memcpy: a bitwise OR with 0 on unsigned
