@@ -38,8 +38,9 @@ def _l2_bytes() -> int:
         for index in sorted(os.listdir(caches)):
             with open(f"{caches}/{index}/level") as level, open(f"{caches}/{index}/size") as size:
                 if level.read().strip() == "2":
-                    text = size.read().strip().upper()
-                    return int(text[:-1]) << 10 if text.endswith("K") else int(text)
+                    text = size.read().strip().upper()        # "512K"
+                    shift = {"K": 10, "M": 20}.get(text[-1:], 0)
+                    return int(text[:-1] if shift else text) << shift
     except (OSError, ValueError):
         pass
     return 1 << 20
