@@ -60,17 +60,17 @@ def measure(comm, node, n: int, rounds: int) -> dict[str, float]:
     src, dst, trap = at_page_offset(n, 0), at_page_offset(n, 128), at_page_offset(n, 16)
     x, y, z = (np.ones(n // 4, np.float32) for _ in range(3))
     iters = max(3, min(200, (16 << 20) // n))
-    steps = {       # name -> (what it does, what runs between calls: a barrier for the handoff)
-        "private": (lambda: np.copyto(dst, src), None),
-        "trapped": (lambda: np.copyto(trap, src), None),
-        "copy_": (lambda: copy_(trap, src), None),
-        "shared": (lambda: np.copyto(mine, src), None),
-        "add": (lambda: np.add(x, y, out=z), None),
+    steps = {       # timed as loops of `iters` calls (handoff and read: below, between barriers)
+        "private": lambda: np.copyto(dst, src),
+        "trapped": lambda: np.copyto(trap, src),
+        "copy_": lambda: copy_(trap, src),
+        "shared": lambda: np.copyto(mine, src),
+        "add": lambda: np.add(x, y, out=z),
     }
     per_round: dict[str, list[float]] = {s: [] for s in STEPS}
     for round_ in range(rounds + 1):                # the first round warms up, untimed
         spent = dict.fromkeys(STEPS, 0.0)
-        for name, (step, _) in steps.items():
+        for name, step in steps.items():
             node.Barrier()
             t0 = time.perf_counter()
             for _ in range(iters):

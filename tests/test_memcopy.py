@@ -20,8 +20,9 @@ def test_in_trap_is_a_destination_just_past_the_source_modulo_a_page():
 
 
 @pytest.mark.parametrize("dtype", ops.SUPPORTED_DTYPES)
-@pytest.mark.parametrize("gap", [0, 16, 48, 64, PAGE - 16])
-def test_copy_gives_the_same_bits_trapped_or_not(dtype, gap):
+@pytest.mark.parametrize("gap", [0, 1, 2, 3, 6, 16, 48, 64, PAGE - 16])
+def test_copy_gives_the_same_bits_trapped_or_not(dtype, gap, monkeypatch):
+    monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)     # checked on any processor
     n = CHECKED_BYTES // np.dtype(dtype).itemsize + 3
     src, dst = at_page_offset(n, dtype, 256), at_page_offset(n, dtype, 256 + gap)
     bits = np.random.default_rng(gap).integers(0, 256, size=src.nbytes, dtype=np.uint8)
@@ -71,3 +72,16 @@ def test_address_of_read_only_and_empty_arrays():
     ro.flags.writeable = False
     assert address(ro) == address(a) + 16
     assert isinstance(address(np.empty(0)), int)
+
+
+def test_anything_but_two_contiguous_arrays_of_one_dtype_is_simply_assigned(monkeypatch):
+    monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)
+    n = CHECKED_BYTES // 4
+    src = at_page_offset(n, np.float32, 0)
+    src[...] = np.arange(n) + 0.5
+    as_ints = at_page_offset(n, np.int32, 16)               # in the trap, another dtype: a cast
+    copy_(as_ints, src)
+    assert np.array_equal(as_ints, np.arange(n))
+    wide = at_page_offset(2 * n, np.float32, 16)[::2]       # not contiguous
+    copy_(wide, src)
+    assert np.array_equal(wide, src)

@@ -109,8 +109,8 @@ def test_front_door_honours_the_algorithm_setting(rs, algorithm):
             got = rs.allreduce(x, op="sum")
             ok = same_bits_everywhere(got) and np.allclose(got, oracle, rtol=1e-12)     # (collective first)
             if algorithm in ("ring", "pipelined"):   # checked ring, pipelined ring: ring.py's bits
-                ok = ok and np.array_equal(got.view(np.uint8),
-                                           ring_allreduce_(x.copy(), COMM, np.add).view(np.uint8))
+                ring = ring_allreduce_(x.copy(), COMM, np.add)      # (every rank, whatever `ok` says)
+                ok = ok and np.array_equal(got.view(np.uint8), ring.view(np.uint8))
             if not ok:
                 failures.append(n)
         assert_everywhere(not failures, f"{algorithm}: wrong for lengths {failures}")

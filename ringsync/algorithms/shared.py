@@ -64,7 +64,7 @@ def reduce_into_(out: np.ndarray, operands: Sequence[np.ndarray], reduce: np.ufu
     p = len(operands)
     if p == 1:
         if out is not operands[0]:
-            out[...] = operands[0]
+            copy_(out, operands[0])         # (a node of one rank: the user's buffer into its slot)
         return
     acc = out if p == 2 else scratch[:out.size]
     reduce(operands[0], operands[1], out=acc)

@@ -14,12 +14,14 @@ call, for as long as it lives: the all-reduce of such a 256 KB buffer took three
 copy_() looks at the two addresses first (remembered per array: cheap next to a copy of 128 KB)
 and, in the trap, copies with a NumPy loop instead of memcpy: a bitwise OR with 0 on unsigned
 views of the same bytes, the same bits in every case (NaN payloads and -0.0 included). Only
-copies smaller than the L2 cache are checked: glibc copies larger ones without rep movsb.
+copies smaller than the L2 cache are checked (glibc copies larger ones without rep movsb),
+and only on AMD processors with fast short rep movsb under glibc: elsewhere there is no trap.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import weakref
 
 import numpy as np
@@ -30,23 +32,35 @@ CHECKED_BYTES = 128 << 10   # smaller copies are not checked: the look costs 2-3
 _BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def _l2_bytes() -> int:
-    """This core's L2 cache: on AMD, glibc stops using rep movsb there (dl-cacheinfo.h), and
-    the trap with it. 1 MiB where Linux does not say."""
+def _trap_ends() -> int:
+    """Where the trap ends: this core's L2 cache size, since glibc on AMD stops using rep
+    movsb there (dl-cacheinfo.h); 1 MiB where Linux does not say. 0 (no trap, nothing is
+    checked) unless this is an AMD processor with fast short rep movsb, under glibc."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = f.read(1 << 16)
+    except OSError:
+        return 0
+    if "AuthenticAMD" not in cpu or " fsrm" not in cpu or platform.libc_ver()[0] != "glibc":
+        return 0
     caches = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        for index in sorted(os.listdir(caches)):
+        indexes = sorted(os.listdir(caches))
+    except OSError:
+        return 1 << 20
+    for index in indexes:
+        try:
             with open(f"{caches}/{index}/level") as level, open(f"{caches}/{index}/size") as size:
                 if level.read().strip() == "2":
                     text = size.read().strip().upper()        # "512K"
                     shift = {"K": 10, "M": 20}.get(text[-1:], 0)
                     return int(text[:-1] if shift else text) << shift
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError):
+            continue
     return 1 << 20
 
 
-TRAP_ENDS = _l2_bytes()     # larger copies are not checked: memcpy no longer uses rep movsb
+TRAP_ENDS = _trap_ends()    # larger copies are not checked: memcpy no longer uses rep movsb
 
 
 # Addresses looked up before, by array object: a slot's view, or a buffer the caller passes
@@ -77,9 +91,11 @@ def in_trap(dst: int, src: int) -> bool:
 
 
 def copy_(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[...] = src (same shape and dtype, contiguous), never through memcpy's trap."""
-    if CHECKED_BYTES <= dst.nbytes < TRAP_ENDS and in_trap(address(dst), address(src)):
+    """dst[...] = src, never through memcpy's trap (for two C-contiguous arrays of one dtype
+    and shape; anything else is simply assigned)."""
+    if CHECKED_BYTES <= dst.nbytes < TRAP_ENDS and dst.dtype == src.dtype and dst.shape == src.shape \
+            and dst.flags.c_contiguous and src.flags.c_contiguous and in_trap(address(dst), address(src)):
         bits = np.uint32 if dst.nbytes % 4 == 0 else _BITS[dst.itemsize]     # (NumPy's fastest loop)
-        np.bitwise_or(src.view(bits), 0, out=dst.view(bits))
+        np.bitwise_or(src.reshape(-1).view(bits), 0, out=dst.reshape(-1).view(bits))
     else:
         dst[...] = src
