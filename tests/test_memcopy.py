@@ -34,23 +34,29 @@ def test_copy_gives_the_same_bits_trapped_or_not(dtype, gap, monkeypatch):
     assert in_trap(address(dst), address(src)) == (0 < gap < 64)
 
 
-def test_the_trapped_copy_takes_the_loop_not_memcpy(monkeypatch):
-    monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)     # whatever this machine's L2
-    src = at_page_offset(CHECKED_BYTES // 4, np.float32, 0)
-    src[...] = np.arange(src.size)
-    used = []
-    real = np.bitwise_or
+def count_trapped_copies(monkeypatch) -> list:
+    """Records each copy copy_ makes around the trap (its bitwise_or) in the returned list;
+    TRAP_ENDS raised so that copies are checked on any processor, whatever its L2."""
 
-    class Spy:      # memcopy's `np`, with bitwise_or recorded
+    class Counting:     # memcopy's `np`, with bitwise_or recorded
         def __getattr__(self, name):
             return getattr(np, name)
 
         @staticmethod
         def bitwise_or(*args, **kwargs):
             used.append(True)
-            return real(*args, **kwargs)
+            return np.bitwise_or(*args, **kwargs)
 
-    monkeypatch.setattr(memcopy, "np", Spy())
+    used: list = []
+    monkeypatch.setattr(memcopy, "np", Counting())
+    monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)
+    return used
+
+
+def test_the_trapped_copy_takes_the_loop_not_memcpy(monkeypatch):
+    used = count_trapped_copies(monkeypatch)
+    src = at_page_offset(CHECKED_BYTES // 4, np.float32, 0)
+    src[...] = np.arange(src.size)
     for gap, trapped in ((16, True), (128, False)):
         used.clear()
         dst = at_page_offset(src.size, np.float32, gap)

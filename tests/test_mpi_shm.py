@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 from mpitools import assert_everywhere, exact_integer_allreduce, ringsync_settings, same_bits_everywhere
-from test_memcopy import at_page_offset
+from test_memcopy import at_page_offset, count_trapped_copies
 from test_mpi_allreduce import DTYPES, OPS, check_against_oracle, rank_data
 
 from ringsync.context import world
@@ -127,24 +127,8 @@ def trap_offsets() -> list[int]:
 
 @pytest.fixture
 def trapped(monkeypatch):
-    """Counts the copies memcopy.copy_ makes around the trap; TRAP_ENDS raised so that any
-    processor's copies are checked (on this machine's AMD they would be anyway)."""
-    from ringsync.transport import memcopy
-
-    count = [0]
-
-    class Counting:     # memcopy's `np`, with bitwise_or counted
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        @staticmethod
-        def bitwise_or(*args, **kwargs):
-            count[0] += 1
-            return np.bitwise_or(*args, **kwargs)
-
-    monkeypatch.setattr(memcopy, "np", Counting())
-    monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)
-    return count
+    """The copies memcopy.copy_ makes around the trap, recorded (checked on any processor)."""
+    return count_trapped_copies(monkeypatch)
 
 
 @pytest.mark.mpi
@@ -164,7 +148,7 @@ def test_allreduce_of_buffers_in_memcpys_trap(rs, trapped, nodes):
                 same = same_bits_everywhere(x)      # (collective: never behind `and`)
                 assert_everywhere(np.array_equal(x, plain) and same,
                                   f"{nodes}: allreduce of {n} at page offset {offset}")
-        went_around = COMM.allreduce(trapped[0])
+        went_around = COMM.allreduce(len(trapped))
     assert_everywhere(P == 1 or went_around > 0, f"{nodes}: no copy went around the trap")
 
 
@@ -178,7 +162,7 @@ def test_a_shared_flatbuffer_whose_parts_lie_in_memcpys_trap(rs, shm, trapped):
         parts = [address(part) % PAGE for part in fb.window.peers] if fb.shared else []
     assert_everywhere(ok, "a shared FlatBuffer of 200 pages + 16 bytes")
     laid_out = len(set(parts)) == P       # MPI laid the parts back to back, each 16 bytes further on
-    went_around = COMM.allreduce(trapped[0])
+    went_around = COMM.allreduce(len(trapped))
     assert_everywhere(P == 1 or not laid_out or went_around > 0, "no copy between the parts went around the trap")
 
 
