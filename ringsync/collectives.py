@@ -24,20 +24,23 @@ checked_allreduce_, allreduce_flat_, _attempt), which cost 2-4 us of a 4 KB call
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import ops
-from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, DEVICE, NONFINITE, Checker
+from .agreement import ALLGATHER, ALLREDUCE, BARRIER, BROADCAST, DEVICE, NONFINITE, REFUSED, Checker, MismatchError
 from .algorithms.doubling import recursive_doubling_allreduce_
 from .algorithms.gathered import reduce_gathered_
 from .algorithms.pipelined import pipelined_ring_allreduce_
 from .algorithms.ring import chunk_bounds, ring_allgather_, ring_allreduce_
 from .algorithms.scattered import Scattered
 from .algorithms.shared import (
+    scaled_scratch,
     shared_allgather_,
     shared_allreduce_,
     shared_allreduce_in_place_,
@@ -47,10 +50,10 @@ from .algorithms.shared import (
 from .algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
 from .algorithms.tree import dissemination_barrier, tree_broadcast_
 from .config import Settings
-from .context import world
+from .context import is_initialized, world
 from .transport import gpu
 from .transport.memcopy import CHECKED_BYTES, copy_
-from .transport.shm import peers_of
+from .transport.shm import PeerFailedError, peers_of, poison_word
 
 
 def _as_array(x: object, arg: str) -> np.ndarray:
@@ -103,6 +106,51 @@ class ArgumentsChecked:
 
 
 arguments_checked = ArgumentsChecked()
+
+
+def poison_node(exc: BaseException, collective: str) -> None:
+    """`exc` is leaving `collective` on this rank: if the others may wait on this rank in the
+    node's shared memory, poison it (transport/shm.py), so that they raise PeerFailedError
+    instead of waiting forever, and so does every later collective on it.
+
+    Not for the errors every rank raises alike, with the segment in step: a cross-rank
+    mismatch (MismatchError, FloatingPointError for NaN found by the check), or a refusal of
+    this rank's own arguments that the others have already heard of (ArgumentsChecked)."""
+    if not is_initialized():
+        return
+    w = world()
+    seg = w.node
+    if seg is None or isinstance(exc, (MismatchError, FloatingPointError)):
+        return
+    checker = w.checker
+    if isinstance(exc, (TypeError, ValueError)) and checker is not None and checker.enabled \
+            and checker.current is not None and checker.current.kind == REFUSED:
+        return
+    word = exc.word if isinstance(exc, PeerFailedError) else \
+        poison_word(collective, checker.calls if checker is not None else 0, w.rank)
+    try:
+        seg.poison(word)
+    except PeerFailedError:
+        pass                    # (this rank raises its own exception: `exc`)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def front_door(collective: str) -> Callable[[_F], _F]:
+    """Decorate a collective's public function: an exception leaving it poisons the node's
+    shared memory (poison_node). A try costs nothing while nothing is raised; the wrapper's
+    call costs ~0.1 us, so allreduce_ (the hot path) has the same try written inline."""
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def door(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as exc:
+                poison_node(exc, collective)
+                raise
+        return door  # type: ignore[return-value]
+    return decorate
 
 
 # --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
@@ -214,15 +262,42 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
     return True
 
 
+def summation_order(n: int, dtype: np.dtype) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """The order in which allreduce_ of n host elements of the float `dtype` adds the ranks'
+    values on this World: (lo, hi, ranks) spans, where each element in lo..hi-1 is
+    ((x[ranks[0]] + x[ranks[1]]) + x[ranks[2]]) + ..., every x first divided by p for an
+    average. None when the sum is not such a chain: recursive doubling on more than two ranks,
+    or across nodes (the hierarchical all-reduce adds the nodes' partial sums together).
+
+    The order depends only on n, the dtype's size, p and the settings frozen at init() (the
+    project's rule, docs/ring.md): this follows _attempt's dispatch, with the same
+    chooser. backup.py averages by itself in this order, so backup:0 matches bsp bit for bit.
+    """
+    w = world()
+    p, nbytes = w.size, n * np.dtype(dtype).itemsize
+    rank_order = [(0, n, tuple(range(p)))] if n else []
+    if p <= 2:                          # x0 + x1 == x1 + x0 bit for bit: every path agrees
+        return rank_order
+    if w.checker.enabled and nbytes <= w.checker.payload_limit and w.settings.allreduce == "auto":
+        return rank_order               # rides on the opening: gathered.py, in rank order
+    algorithm = choose(nbytes, p, w.settings, w.node is not None, w.small_bytes)
+    if algorithm == "shared" or (algorithm == "doubling" and w.single_node):
+        # the node's shared memory (shared.py): every element is added in (node) rank order
+        return rank_order if w.single_node else None
+    if algorithm == "doubling":
+        return None
+    # ring.py (and pipelined.py, the same additions): chunk c starts at rank c and goes round
+    return [(lo, hi, tuple((c + k) % p for k in range(p))) for c, (lo, hi) in enumerate(chunk_bounds(n, p))]
+
 def shared_peers(flat: np.ndarray, op: str) -> tuple[list[np.ndarray], int] | None:
     """`flat` in every node rank's shared window, if it lies in one (a shared FlatBuffer) and
-    is all-reduced in place there: on one node, large enough, and not an average of
-    float16 or integers (those take the copy-in path, pre-scaled or in parts). Also the code
+    is all-reduced in place there: on one node, large enough, and not an integer average
+    (computed in parts, in a buffer of its own: _integer_average). Also the code
     of where it lies (transport/shm.py's peers_of), for the agreement check."""
     w = world()
     if type(flat) is not np.ndarray or not (w.windows and w.single_node) or flat.nbytes <= w.small_bytes:
         return None
-    if op == ops.Average and (flat.dtype.kind != "f" or flat.itemsize < 4):
+    if op == ops.Average and flat.dtype.kind != "f":
         return None
     return peers_of(w.windows, flat)
 
@@ -238,10 +313,11 @@ def _shared(flat: np.ndarray, reduce: np.ufunc, prescale: int, opened: bool,
         shared_gathered_allreduce_(flat, seg, reduce, prescale)     # (unguarded small calls)
         return
     if peers is not None:
-        # An average divides the sum afterwards here (the input must stay untouched until
-        # every rank has read it).
-        shared_allreduce_in_place_(flat, peers, seg, reduce, w.scratch(-(-flat.size // seg.size), flat.dtype),
-                                   opened=opened, postscale=prescale)
+        # An average divides each input as it is read, before the sum, like every other path
+        # (the inputs themselves stay untouched until every rank has read them).
+        chunk = -(-flat.size // seg.size)
+        scratch = w.scratch(scaled_scratch(chunk) if prescale else chunk, flat.dtype)
+        shared_allreduce_in_place_(flat, peers, seg, reduce, scratch, opened=opened, prescale=prescale)
         return
     shared_allreduce_(flat, seg, reduce, w.scratch(seg.capacity(flat.itemsize), flat.dtype),
                       w.rings, w.chunks, prescale)
@@ -333,6 +409,7 @@ def reduce_(flat: np.ndarray | Scattered, op: str, shape: tuple, name: str | Non
         probe(checked_allreduce_, (flat, op, shape, name, group, layout))
 
 
+@front_door("allreduce")
 def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks and return the result as a new array.
 
@@ -349,26 +426,31 @@ def allreduce(x: object, op: str = ops.Sum, name: str | None = None) -> np.ndarr
 
 def allreduce_(x: np.ndarray, op: str = ops.Sum, name: str | None = None) -> np.ndarray:
     """Reduce `x` elementwise across all ranks, in place, and return `x`."""
-    with arguments_checked:
-        op = op if op is ops.Sum else ops.resolve_op(op)     # (hot path) no look-up for the default
-        flat = check_inplace(x, "x")
-        flat = flat if flat.ndim == 1 else flat.reshape(-1)   # (hot path) reshape costs ~0.1 us
-        if name is not None:
-            check_name(name)
-    w = world()
-    checker = w.checker
-    if flat.nbytes <= w.riding_bytes and w.probe is None and type(flat) is np.ndarray \
-            and op != ops.Average and checker.enabled and not checker.finite:
-        # (hot path) A small host buffer outside a timed step: what reduce_ would do, with
-        # no layer between (checked_allreduce_, allreduce_flat_, _attempt: ~2-4 us a call).
-        guard = checker.arm(ALLREDUCE, op, flat.dtype, x.shape, name=name)
-        if not _ride_on_opening(flat, guard, ops.OPS[op], 0, w.rank):
-            _redo_settled(flat, op, guard)
+    try:
+        with arguments_checked:
+            op = op if op is ops.Sum else ops.resolve_op(op)     # (hot path) no look-up for the default
+            flat = check_inplace(x, "x")
+            flat = flat if flat.ndim == 1 else flat.reshape(-1)   # (hot path) reshape costs ~0.1 us
+            if name is not None:
+                check_name(name)
+        w = world()
+        checker = w.checker
+        if flat.nbytes <= w.riding_bytes and w.probe is None and type(flat) is np.ndarray \
+                and op != ops.Average and checker.enabled and not checker.finite:
+            # (hot path) A small host buffer outside a timed step: what reduce_ would do, with
+            # no layer between (checked_allreduce_, allreduce_flat_, _attempt: ~2-4 us a call).
+            guard = checker.arm(ALLREDUCE, op, flat.dtype, x.shape, name=name)
+            if not _ride_on_opening(flat, guard, ops.OPS[op], 0, w.rank):
+                _redo_settled(flat, op, guard)
+            return x
+        reduce_(flat, op, x.shape, name)
         return x
-    reduce_(flat, op, x.shape, name)
-    return x
+    except BaseException as exc:     # (what front_door does, without its call)
+        poison_node(exc, "allreduce")
+        raise
 
 
+@front_door("allreduce")
 def allreduce_fused_(flat: np.ndarray, op: str, shapes: tuple[tuple[int, ...], ...],
                      name: str | None = None) -> np.ndarray:
     """Reduce a fusion buffer holding tensors of `shapes`, packed, in place; return it.
@@ -423,6 +505,7 @@ def _agree_or_settle(guard: Checker | None) -> bool:
     return True
 
 
+@front_door("broadcast")
 def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndarray:
     """Overwrite `x` on every rank with root's `x` (same shape and dtype everywhere); return `x`."""
     with arguments_checked:
@@ -432,6 +515,7 @@ def broadcast_(x: np.ndarray, root: int = 0, name: str | None = None) -> np.ndar
     return _broadcast(x, root, name)
 
 
+@front_door("broadcast")
 def broadcast(x: object, root: int = 0, name: str | None = None) -> np.ndarray:
     """Return a copy of root's `x` on every rank; `x` itself is left untouched."""
     with arguments_checked:
@@ -497,6 +581,7 @@ def _broadcast_device(flat: Any, root: int) -> None:
                 staged_broadcast_(flat, w.comm, root, dev)
 
 
+@front_door("allgather")
 def allgather(x: object, name: str | None = None) -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order, on every rank.
 
@@ -581,10 +666,11 @@ def _agreed_first_dims(rows: list[list[int]]) -> list[int]:
             dtype = ops.SUPPORTED_DTYPES[rows[r][1]].name
             return f"rank {r}: {dtype} (*, {', '.join(str(d) for d in rows[r][3:2 + rows[r][2]])})"
         desc = "; ".join(layout(r) for r in [0, *differ])
-        raise ValueError(f"allgather: dtype or trailing shape differ across ranks ({desc})")
+        raise MismatchError(f"allgather: dtype or trailing shape differ across ranks ({desc})")
     return [row[0] for row in rows]
 
 
+@front_door("barrier")
 def barrier() -> None:
     """Block until every rank has called barrier()."""
     w = world()

@@ -30,13 +30,13 @@ allocation per dtype. Smaller models (everything in ringsync's examples) fit in 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from . import ops, timing
 from .algorithms.scattered import Scattered
-from .collectives import arguments_checked, check_inplace, layout_code, reduce_, unpacked_fusion
+from .collectives import arguments_checked, check_inplace, front_door, layout_code, reduce_, unpacked_fusion
 from .context import world
 from .transport.gpu import array_module, is_device_array, on_device_of
 from .transport.shm import SharedWindow
@@ -86,18 +86,22 @@ def _address(a: np.ndarray) -> int:
     return a.data.ptr if is_device_array(a) else a.__array_interface__["data"][0]
 
 
-def _root(a: np.ndarray) -> np.ndarray:
-    """The array that owns `a`'s memory (follows .base through views)."""
-    while isinstance(a.base, (np.ndarray, array_module(a).ndarray)):
+def _owners(a: np.ndarray) -> Iterator[np.ndarray]:
+    """`a`, then the arrays it is a view of (.base), out to the last array in the chain."""
+    kinds = (np.ndarray, array_module(a).ndarray)
+    while isinstance(a, kinds):
+        yield a
         a = a.base
-    return a
 
 
 def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     """A 1-D view covering `arrays` when they lie back to back in one array's memory, else None.
 
-    Memory is what matters: if the arrays tile bytes [start, end) of the first one's owner
-    exactly, in order, then reducing that slice of the owner reduces each array exactly once.
+    Memory is what matters: if the arrays tile bytes [start, end) of an array they are views
+    of exactly, in order, then reducing that span reduces each array exactly once. The span
+    has the arrays' dtype whatever the owner's: a shared FlatBuffer's memory belongs to an
+    array of raw bytes (transport/shm.py), viewed here as the arrays' dtype, so that a list
+    of its views is the same buffer, in the same shared window, as the views themselves.
     """
     dtype = getattr(arrays[0], "dtype", None) if arrays else None
     first = begin = end = None
@@ -116,14 +120,18 @@ def contiguous_span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
         end += a.nbytes
     if first is None:
         return arrays[0].reshape(-1)
-    root = _root(first)
-    if root.dtype != dtype or not root.flags.c_contiguous or not getattr(root.flags, "writeable", True):
-        return None
-    start = (begin - _address(root)) // root.itemsize
-    count = (end - begin) // root.itemsize
-    if start < 0 or start + count > root.size:
-        return None
-    return root.reshape(-1)[start:start + count]
+    nbytes = end - begin
+    for owner in _owners(first):     # the innermost array holding every byte of the span
+        start = begin - _address(owner)
+        if start < 0 or start + nbytes > owner.nbytes or not owner.flags.c_contiguous \
+                or not getattr(owner.flags, "writeable", True):
+            continue
+        flat = owner.reshape(-1)
+        if owner.dtype == dtype and start % dtype.itemsize == 0:
+            return flat[start // dtype.itemsize:(start + nbytes) // dtype.itemsize]
+        # (another dtype: a shared window's raw bytes, transport/shm.py) its bytes as `dtype`
+        return flat.view(np.uint8)[start:start + nbytes].view(dtype)
+    return None
 
 
 def _separate_host_arrays(arrays: Sequence[np.ndarray]) -> bool:
@@ -223,6 +231,7 @@ def _checked_arrays(arrays: Sequence[object]) -> list[np.ndarray]:
     return checked
 
 
+@front_door("allreduce")
 def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
                        fusion_bytes: int | None = None) -> list[np.ndarray]:
     """All-reduce every array in `arrays` in place, fused into few ring all-reduces; return them.
@@ -246,6 +255,7 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     return arrays
 
 
+@front_door("allreduce")
 def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
                       fusion_bytes: int | None = None) -> list[np.ndarray]:
     """All-reduce every array in `arrays` and return new arrays; the inputs are left untouched.
@@ -335,7 +345,7 @@ class FlatBuffer:
     def close(self) -> None:
         """Free a shared buffer's memory (collective over the node); nothing for a private one."""
         if self.window is not None:
-            if self.window.win is not None:     # (shutdown() may have freed it already)
+            if not self.window.freed:     # (shutdown() may have freed it already)
                 world().windows.remove(self.window)
                 self.window.free()
             self.window = None

@@ -13,6 +13,11 @@ rank logs the diagnosis: which ranks are waiting in the call, which have not arr
 (and where they were last), and which did not answer. Past RINGSYNC_STALL_TIMEOUT_S (off
 unless set), it aborts the whole job with that diagnosis rather than hang until a batch
 system kills it without one.
+
+A diagnosis reads only answers to its own query (each query has an id, echoed back; a late
+answer to an earlier one is dropped), and is given only if the asking rank is still in the
+call once the answers are in: otherwise the others' answers, from past the call, would name
+them "already past" a call they were all in.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from mpi4py import MPI
 
-from . import agreement, config
+from . import agreement, config, context
 
 if TYPE_CHECKING:
     from .context import World
 
-_QUERY, _ANSWER = 1, 2
+_QUERY, _ANSWER = 1, 2              # tags: (query id, call) -> (query id, call, inside, age ms)
+_QUERY_INTS, _ANSWER_INTS = 2, 4
 
 
 def start(world: World) -> Inspector | None:
@@ -57,6 +63,7 @@ class Inspector:
         self._stop = threading.Event()
         self._answers: dict[int, np.ndarray] = {}
         self._waiting: dict[int, MPI.Request] = {}
+        self._query = 0                      # the id of this rank's latest query, echoed back
         self._sent: list[MPI.Request] = []
         self._changed = time.monotonic()     # when this rank's calls/done last changed
         self._thread = threading.Thread(target=self._watch, name="ringsync-stall-inspector",
@@ -98,14 +105,20 @@ class Inspector:
             waited = now - since + self.interval   # it started before we first noticed it
             if self.timeout and waited >= self.timeout:
                 report, _ = self._diagnose(calls, waited)
+                if self._moved_on(state):     # the call ended while the others were asked
+                    continue
                 self._log(f"aborting the job: {report}")
-                time.sleep(0.25)          # let the launcher forward the diagnosis first
-                MPI.COMM_WORLD.Abort(3)
+                context.abort_job(3)      # once the launcher has read the diagnosis
             if self.warning and not warned and waited >= self.warning:
                 warned = True
                 report, first = self._diagnose(calls, waited)
-                if first:
+                if first and not self._moved_on(state):
                     self._log(report)
+
+    def _moved_on(self, state: tuple[int, bool]) -> bool:
+        """Whether this rank has left the call `state` saw it in: the others' answers, given
+        since, may then show them past it, and the diagnosis would misname them."""
+        return (self.checker.calls, inside_collective()) != state
 
     @staticmethod
     def _log(text: str) -> None:
@@ -123,15 +136,21 @@ class Inspector:
         return f"collective call #{calls}"
 
     def _answer_queries(self) -> None:
-        """Tell any rank that asked: my call counter, whether I am in a collective, since when."""
+        """Tell any rank that asked: my call counter, whether I am in a collective, since when,
+        after the query's id (so that the asker can tell this answer from a late one)."""
         status = MPI.Status()
         while self.comm.Iprobe(MPI.ANY_SOURCE, _QUERY, status):
-            ask = np.empty(1, dtype=np.int64)
+            ask = np.empty(_QUERY_INTS, dtype=np.int64)
             self.comm.Recv(ask, status.Get_source(), _QUERY)
-            me = np.array([self.checker.calls, inside_collective(),
+            me = np.array([ask[0], self.checker.calls, inside_collective(),
                            int((time.monotonic() - self._changed) * 1000)], dtype=np.int64)
             self._sent.append(self.comm.Isend(me, status.Get_source(), _ANSWER))
         self._sent = [req for req in self._sent if not req.Test()]
+
+    def _expect(self, q: int) -> None:
+        """Post the receive of rank q's next answer (into a buffer of its own)."""
+        self._answers[q] = np.full(_ANSWER_INTS, -1, dtype=np.int64)
+        self._waiting[q] = self.comm.Irecv(self._answers[q], q, _ANSWER)
 
     def _diagnose(self, calls: int, waited: float) -> tuple[str, bool]:
         """(the diagnosis, whether this rank is the lowest-numbered one waiting in the call)."""
@@ -140,23 +159,32 @@ class Inspector:
         if not self.can_ask:
             return head + " (MPI has no thread support here to ask the other ranks)", True
         others = [q for q in range(w.size) if q != w.rank]
+        # One receive outstanding per rank. A rank that did not answer an earlier query in
+        # time may answer it now, or later: each query has an id, echoed in its answer, and
+        # answers to earlier queries are dropped, so that no diagnosis reads an old state.
+        self._query = query = self._query + 1
         for q in others:
-            if q not in self._waiting:      # one answer outstanding per rank, never cancelled
-                self._answers[q] = np.full(3, -1, dtype=np.int64)
-                self._waiting[q] = self.comm.Irecv(self._answers[q], q, _ANSWER)
-            self._sent.append(self.comm.Isend(np.array([calls], dtype=np.int64), q, _QUERY))
+            if q not in self._waiting:
+                self._expect(q)
+            self._sent.append(self.comm.Isend(np.array([query, calls], dtype=np.int64), q, _QUERY))
+        answers: dict[int, tuple[int, ...]] = {}
         deadline = time.monotonic() + 2 * self.interval + 0.5
-        while self._waiting and time.monotonic() < deadline and not self._stop.is_set():
+        while len(answers) < len(others) and time.monotonic() < deadline and not self._stop.is_set():
             self._answer_queries()
             for q in [q for q, req in self._waiting.items() if req.Test()]:
-                del self._waiting[q]
+                answer = tuple(int(v) for v in self._answers[q])
+                if answer[0] == query:
+                    answers[q] = answer[1:]
+                    del self._waiting[q]
+                else:                       # an answer to an earlier query: wait for this one's
+                    self._expect(q)
             time.sleep(self.interval / 10)
         waiting, missing, silent, left = [w.rank], [], [], []
         for q in others:
-            if q in self._waiting:
+            if q not in answers:
                 silent.append(q)
                 continue
-            their_calls, inside, age_ms = (int(v) for v in self._answers[q])
+            their_calls, inside, age_ms = answers[q]
             if their_calls == calls and inside:
                 waiting.append(q)
             elif their_calls < calls:

@@ -195,10 +195,7 @@ def test_a_shared_flatbuffer_reduces_in_place_and_matches_the_copy_in_path(rs, s
         got = fb.flat.copy()
     if np.dtype(dtype).kind in "iu":
         ok = np.array_equal(got, exact_integer_allreduce(rank_data(got.shape, dtype, 5), op))
-    elif op == "average":                             # divided after the sum here, before it there
-        ok = np.allclose(got, private, rtol=1e-3 if dtype != "float16" else 0, atol=1e-6)
-        ok = ok if dtype != "float16" else np.array_equal(got, private)    # float16: copy-in too
-    else:                                             # each element: rank 0 (op) rank 1 (op) ...
+    else:       # each element: rank 0 (op) rank 1 (op) ..., an average's inputs divided first
         ok = np.array_equal(got, private)
     assert_everywhere(ok, f"shared FlatBuffer {op} {dtype} differs from the copy-in path")
     assert_everywhere(same_bits_everywhere(got), "results are not bitwise identical across ranks")

@@ -1,5 +1,7 @@
 """The sync modes in-process, on whatever rank count the suite runs with: each exactness
 claim goes through the mode's own code path; the mode's communicator must end empty."""
+import time
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -30,15 +32,71 @@ def train(flags, steps=12):
 
 
 @pytest.mark.mpi
-def test_backup_0_equals_bsp_bitwise(rs):
-    # The default model's gradient (69 KB) is above RINGSYNC_SMALL_BYTES: with messages only,
-    # bsp runs ring.py's ring, whose order of additions backup:0 follows.
-    with ringsync_settings(RINGSYNC_TRANSPORT="p2p"):
+@pytest.mark.parametrize("transport", ["p2p", "auto"])
+def test_backup_0_equals_bsp_bitwise(rs, transport):
+    # The default model's gradient (69 KB): with messages only (p2p) bsp runs ring.py's ring;
+    # under the default transport on one node, the shared-memory gathered reduce, in rank
+    # order. backup:0 adds in whichever order bsp's all-reduce uses (summation_order).
+    with ringsync_settings(RINGSYNC_TRANSPORT=transport):
         bsp, _, _ = train([], steps=5)
         backup, fields, _ = train(["--sync", "backup:0"], steps=5)
     assert_everywhere(np.array_equal(bsp.params.data, backup.params.data), "backup:0 differs from bsp")
     assert_everywhere(same_bits_everywhere(backup.params.data))
     assert_everywhere(fields["dropped_gradients"]["total"] == 0 and fields["sync"] == "backup:0")
+
+
+def gradient(rank, step, n=17_000):
+    """A gradient whose value names its rank and step: 2**rank * (step + 1), exact in float32."""
+    return np.full(n, 2.0 ** rank * (step + 1), dtype=np.float32)
+
+
+def run_backup(backups, delay, steps, n=17_000):
+    """Backup:B on constant gradients of n elements (the trainer's 69 KB: MPI sends them by
+    rendezvous, reading the buffer until the receiver takes them), each rank sleeping
+    delay(rank, step) s before its gradient of `step`; returns ({step: the result this rank
+    applied}, the report fields)."""
+    mode = Backup(backups, np.zeros(n, dtype=np.float32))
+    results, step = {}, 0
+    while step < steps:
+        time.sleep(delay(COMM.rank, step))
+        grad = gradient(COMM.rank, step, n)
+        applied: list[float] = []
+        skipped = mode.exchange(grad, lambda g=grad, a=applied: a.append(float(g[0])))
+        for k, value in enumerate(applied):          # the results a late rank took and skipped past
+            results[step + k] = value
+        results[step + skipped] = float(grad[0]) if np.all(grad == grad[0]) else float("nan")
+        step += 1 + skipped
+    return results, mode.close()
+
+
+@pytest.mark.mpi(min_size=3)
+def test_a_late_rank_never_overwrites_a_gradient_still_in_flight(rs):
+    # Issue 23's repro: the last rank is 1 s late at step 0, so steps 0 and 1 go ahead without
+    # it and it skips step 1; its step-0 gradient is still unreceived (rank 0 is slow before
+    # step 2) when it sends step 2's. Step 2 then has every rank but rank 0, in time.
+    last = COMM.size - 1
+
+    def delay(rank, step):
+        return 1.0 if (rank, step) == (last, 0) else 1.5 if (rank, step) == (0, 2) else 0.0
+    results, fields = run_backup(1, delay, steps=4)
+    want = float(np.mean([gradient(r, 2)[0] for r in range(1, COMM.size)]))
+    assert_everywhere(results.get(2) == want, f"step 2 gave {results.get(2)}, want {want}: {results}")
+    dropped = fields["dropped_gradients"]
+    assert_everywhere(dropped["skipped_steps_per_rank"][last] >= 1 and dropped["per_rank"][0] >= 1, str(dropped))
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("backups", [1, 2])
+def test_a_late_rank_0_is_dropped_like_any_rank(rs, backups):
+    # Rank 0 is 0.5 s late at step 1, every other rank on time: p-B others are there before
+    # it, so rank 0's gradient is one of the B dropped (and the other B-1 are on-time ranks).
+    results, fields = run_backup(backups, lambda rank, step: 0.5 if (rank, step) == (0, 1) else 0.0, steps=3)
+    exact = results.get(1, 0.0) * (COMM.size - backups) / 2     # the sum of the 2**rank used
+    total = round(exact) if np.isfinite(exact) else -1         # (the average is rounded to float32)
+    used = [r for r in range(COMM.size) if total >> r & 1]
+    assert_everywhere(abs(exact - total) < 1e-3 and len(used) == COMM.size - backups and 0 not in used,
+                      f"step 1 used ranks {used} (result {results.get(1)})")
+    assert_everywhere(fields["dropped_gradients"]["per_rank"][0] >= 1, str(fields["dropped_gradients"]))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -72,10 +130,10 @@ def test_local_h_records_drift_and_ends_averaged(rs):
     assert_everywhere(same_bits_everywhere(trainer.params.data))
 
 
-def sequential_sgd(steps, batch, hidden, seed=0):
+def sequential_sgd(steps, batch, hidden, momentum, seed=0):
     """Plain one-process SGD with momentum over the shared sample order: the reference."""
     model = MLP([DATA.features, hidden, DATA.classes], seed=seed, dtype="float32")
-    opt = SGD(model.params, lr=0.1, momentum=0.9)
+    opt = SGD(model.params, lr=0.1, momentum=momentum)
     per_epoch = len(DATA.x_train) // batch
     for k in range(steps):
         epoch, t = divmod(k, per_epoch)
@@ -91,7 +149,7 @@ def test_async_with_one_worker_is_sequential_sgd_exactly(rs):
     steps = 30           # more than one epoch of 1437 // 64 = 22 updates
     trainer, fields, _ = train(["--sync", "async", "--servers", str(COMM.size - 1), "--hidden", "16",
                                 "--batch-size", "64"], steps=steps)
-    expected = sequential_sgd(steps, 64, 16)
+    expected = sequential_sgd(steps, 64, 16, trainer.args.momentum)     # (async's default: 0.5)
     assert_everywhere(np.array_equal(trainer.params.data, expected), "async(1 worker) != sequential SGD")
     st = fields["staleness"]
     assert_everywhere(st["max"] == 0 and st["count"] == steps * (COMM.size - 1), str(st))

@@ -6,6 +6,8 @@ import time
 import pytest
 from mpitools import program_lines, run_mpi
 
+from ringsync.training.train import parse_args
+
 SMALL = ["--quiet", "--hidden", "8", "--batch-size", "8"]
 
 
@@ -58,3 +60,24 @@ def test_report_fields_of_ssp_with_two_servers_and_a_straggler(tmp_path):
     assert doc["steps_to_accuracy"] is not None, doc["curve"]
     assert doc["samples_to_accuracy"] == 8 * doc["steps_to_accuracy"]
     assert doc["time_to_accuracy_s"] is not None and doc["straggler"]["mode"] == "ssp:1"
+
+
+@pytest.mark.parametrize("flags, momentum", [
+    ([], 0.9), (["--sync", "backup:1"], 0.9), (["--sync", "local:2"], 0.9),
+    (["--sync", "async"], 0.5), (["--sync", "ssp:1"], 0.5),
+    (["--sync", "async", "--momentum", "0.9"], 0.9), (["--momentum", "0.3"], 0.3),
+])
+def test_the_default_momentum_depends_on_the_mode_and_an_explicit_one_wins(flags, momentum):
+    assert parse_args(flags).momentum == momentum
+
+
+@pytest.mark.parametrize("flags, momentum", [
+    ([], 0.9), (["--sync", "async"], 0.5), (["--sync", "ssp:1"], 0.5), (["--sync", "async", "--momentum", "0.9"], 0.9),
+])
+def test_the_report_and_the_summary_show_the_momentum_used(tmp_path, flags, momentum):
+    report = tmp_path / "r.json"
+    result = run_mpi(2, ["-m", "ringsync.training.train", "--hidden", "8", "--batch-size", "8", "--max-steps", "4",
+                         *flags, "--report", str(report)], timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(report.read_text())["momentum"] == momentum
+    assert f"momentum {momentum}" in result.stdout, result.stdout

@@ -23,7 +23,9 @@ Zero-copy. When the buffer itself lives in a shared window (a FlatBuffer made wi
 shared=True, as the trainer's gradients are), step 1 disappears: the owners read the
 chunks straight from the other ranks' buffers and write the result into their own, and
 everyone then copies the finished chunks from the owners' buffers. One more sync at the
-end keeps any rank from changing its buffer while another still reads it.
+end keeps any rank from changing its buffer while another still reads it. An average
+divides each input as the owner reads it, before the sum (reduce_scaled_into_), as the
+copy-in path does on the way into the slots: the same bits, and no overflow.
 
 Small broadcasts and all-gathers on one node take the same road (below): the root, or every
 rank, copies its data into its slot (piece by piece, if it is larger), one sync each, and
@@ -153,22 +155,51 @@ def shared_gathered_allreduce_(flat: np.ndarray, seg: NodeSegment, reduce: np.uf
     return flat
 
 
+def reduce_scaled_into_(out: np.ndarray, operands: Sequence[np.ndarray], reduce: np.ufunc,
+                        scratch: np.ndarray, prescale: int) -> None:
+    """out = operands[0]/c (op) operands[1]/c (op) ..., in that order (c = `prescale`): what
+    reduce_into_ gives on copies divided by c, as the copy-in path's slots are, bit for bit,
+    with no copy and without writing the operands (the other ranks' buffers). Block by block
+    through `scratch` (room for two blocks, scaled_scratch): each block stays in the cache
+    between its division and its sum. `out` may be one of the operands."""
+    block = scratch.size // 2
+    acc, tmp = scratch[:block], scratch[block:2 * block]
+    for lo in range(0, out.size, block):
+        hi = min(lo + block, out.size)
+        a, t = acc[:hi - lo], tmp[:hi - lo]
+        np.divide(operands[0][lo:hi], prescale, out=a if len(operands) > 1 else out[lo:hi])
+        for q in range(1, len(operands)):
+            np.divide(operands[q][lo:hi], prescale, out=t)
+            reduce(a, t, out=out[lo:hi] if q == len(operands) - 1 else a)
+
+
+def scaled_scratch(chunk: int) -> int:
+    """The scratch (elements) reduce_scaled_into_ needs for a chunk of `chunk` elements."""
+    return 2 * max(1, min(chunk, SCALED_BLOCK))
+
+
+SCALED_BLOCK = 1 << 14          # elements: two blocks of float64 fill 256 KB, within the L2
+
+
 def shared_allreduce_in_place_(flat: np.ndarray, peers: Sequence[np.ndarray], seg: NodeSegment,
                                reduce: np.ufunc, scratch: np.ndarray, opened: bool,
-                               postscale: int = 0) -> np.ndarray:
+                               prescale: int = 0) -> np.ndarray:
     """Zero-copy: `flat` lies in a shared window, and peers[q] is the same span in node rank
     q's part. `opened`: the call's opening was a sync point on this segment, made after every
-    rank's buffer was final (else one is made here). `postscale` > 0 divides the result by it."""
+    rank's buffer was final (else one is made here). `prescale` > 0 divides every input by it
+    as it is read, before the sum (an average; `scratch` then as scaled_scratch says, else
+    room for a chunk)."""
     L, me = seg.size, seg.rank
     if not opened:
         seg.sync()                                      # every rank's buffer is final
     bounds = chunk_bounds(flat.size, L)
     lo, hi = bounds[me]
     if hi > lo:
-        out = flat[lo:hi]
-        reduce_into_(out, [peer[lo:hi] for peer in peers], reduce, scratch)
-        if postscale:
-            np.divide(out, postscale, out=out)
+        operands = [peer[lo:hi] for peer in peers]
+        if prescale:
+            reduce_scaled_into_(flat[lo:hi], operands, reduce, scratch, prescale)
+        else:
+            reduce_into_(flat[lo:hi], operands, reduce, scratch)
     seg.sync()                                          # every chunk is finished
     for q, (lo, hi) in enumerate(bounds):
         if q != me and hi > lo:

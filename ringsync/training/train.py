@@ -50,6 +50,11 @@ from .optim import SGD, DistributedOptimizer, broadcast_parameters
 
 PROG = "ringsync-train"
 DEFAULT_EPOCHS = 20
+# The default momentum depends on --sync: stale gradients (ssp, async) act like extra momentum,
+# and 0.9 then diverges (docs/sync-vs-async.md); bsp and the other modes keep 0.9, with which
+# their published figures were measured.
+DEFAULT_MOMENTUM = 0.9
+STALE_MOMENTUM = 0.5
 
 
 # --- command line: every mistake exits 2 with one line, printed once (rank 0) ---------------
@@ -120,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many steps in all")
     t.add_argument("--batch-size", type=int_at_least(1), default=32, help="samples per rank per step (32)")
     t.add_argument("--lr", type=float_at_least(0.0), default=0.1, help="learning rate (0.1)")
-    t.add_argument("--momentum", type=float_at_least(0.0), default=0.9, help="SGD momentum (0.9)")
+    t.add_argument("--momentum", type=float_at_least(0.0), default=None,
+                   help=f"SGD momentum (default {DEFAULT_MOMENTUM}; {STALE_MOMENTUM} with --sync ssp:S or async)")
     t.add_argument("--weight-decay", type=float_at_least(0.0), default=0.0, help="L2 weight decay (0)")
     t.add_argument("--hidden", type=_widths, default=[128, 64], help="hidden widths, e.g. 128,64 (default)")
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype")
@@ -155,6 +161,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if path and Path(path).is_dir():
             fail(f"--{flag} {path}: is a folder, not a file")
     args.dataset = args.dataset or ("file" if args.data else "digits")
+    if args.momentum is None:
+        args.momentum = STALE_MOMENTUM if args.sync.parameter_server else DEFAULT_MOMENTUM
     return args
 
 
@@ -397,7 +405,8 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     if rs.rank() == 0 and not args.quiet:
         print(f"{PROG}: {rs.size()} rank(s), {data.name} ({len(data.x_train)} train / {len(data.x_test)} "
               f"test), MLP {'-'.join(map(str, trainer.sizes))} {args.dtype}, global batch "
-              f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch, --sync {args.sync.text}"
+              f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch, --sync {args.sync.text}, "
+              f"lr {args.lr}, momentum {args.momentum}"
               + (f", resuming at step {first_step}" if args.resume else ""), flush=True)
 
     timing.start_from_args(args, fail)

@@ -5,9 +5,11 @@ dropped for that step. Rank 0 is the step's aggregator (it also computes, like e
 
   1. every other rank sends its gradient to rank 0 as soon as it is computed, tagged with
      the step, and waits for the step's result;
-  2. rank 0, once its own gradient is ready, takes the gradients already waiting (a matched
-     probe on any source meets them in the order they arrived), counts itself next, and
-     waits for more until p-B have arrived; those p-B are the step's contributors;
+  2. rank 0, once its own gradient is ready, takes every gradient already sent to it, in the
+     order MPI matches them (common.waiting: probing until many probes in a row find nothing,
+     as MPI shows messages sent while rank 0 computed only a few probes later); it counts
+     itself after them, and waits for more until p-B have arrived. The first p-B are the
+     step's contributors; a late rank 0 (p-B others here before it) is dropped like any rank;
   3. it averages them and sends the average to every rank, late ones included. Every rank
      applies that same update, so the parameters stay bitwise identical;
   4. a late rank's gradient arrives after the result went out: rank 0 receives it at a later
@@ -17,15 +19,19 @@ dropped for that step. Rank 0 is the step's aggregator (it also computes, like e
      never more than one step behind and never makes the others wait.
 
 The average is computed as the front door computes one: each gradient is divided by p-B
-first (so it cannot overflow), then summed in the ring's order (ring.py): chunk c of the
-buffer is accumulated starting from rank c and going round, skipping dropped ranks. So with
-B = 0 each element sees the same operations in the same order as ring.py's all-reduce, and
-backup:0 reproduces bsp bit for bit whenever bsp runs the ring (RINGSYNC_ALLREDUCE=ring, or
-buffers above RINGSYNC_SMALL_BYTES; below it bsp uses the gathered reduce, equal to rounding).
+first (so it cannot overflow), then the ranks are added in the order the front door's
+all-reduce of this buffer adds them (collectives.summation_order: the ring's order, chunk c
+from rank c round the ring, or rank order through the gathered or shared-memory reduce),
+skipping dropped ranks. So with B = 0 each element sees the same operations in the same
+order as bsp's all-reduce, and backup:0 reproduces bsp bit for bit; where that all-reduce
+adds no single chain of ranks (recursive doubling on 3+ ranks, several nodes), rank order
+is used and backup:0 equals bsp to rounding.
 
 Limits, said plainly: rank 0 aggregates between its own steps, so a late rank 0 still holds
 the step up (its own gradient is then dropped); and a dropped rank cannot abandon its late
 work midway (the compute is one call), it finishes it, then skips to the newest step.
+A rank's gradient stays in its own buffer until its send completes: a late rank may have
+several sends in flight, and no buffer is reused before its send is done.
 A message of the wrong size, dtype or step raises MismatchError on every rank.
 
 Timing: ranks do not all run the same steps, so the barrier timing (which compares every
@@ -41,7 +47,7 @@ from mpi4py import MPI
 
 import ringsync as rs
 
-from ...algorithms.ring import chunk_bounds
+from ...collectives import summation_order
 from . import common
 
 TAG_GRAD, TAG_RESULT = 1, 2
@@ -68,11 +74,12 @@ class Backup:
         self.used = np.zeros(self.p, dtype=np.int64)           # rank 0's counts, per rank
         self.dropped = np.zeros(self.p, dtype=np.int64)
         self.skipped = 0                                       # steps this rank jumped over
-        self.sends: list = []                                  # gradients on their way to rank 0
+        self.sends: list = []                                  # (request, buffer) of gradients in flight
+        self.spare: list = []                                  # buffers whose send has completed
         self.outbox: list = []                                 # rank 0: (request, buffer) of results
-        self.send_bufs = [None, None]                          # alternate: the last one may be in flight
         self.grads = {r: np.empty(self.n, self.dtype) for r in range(self.p)} if self.rank == ROOT else {}
-        self.bounds = chunk_bounds(self.n, self.p)
+        # the front door's order of additions for this buffer (rank order where it has none)
+        self.order = summation_order(self.n, self.dtype) or [(0, self.n, tuple(range(self.p)))]
 
     # --- every rank -------------------------------------------------------------------------
 
@@ -93,13 +100,8 @@ class Backup:
         return skipped
 
     def _send_and_take(self, grad: np.ndarray, apply: Callable[[], None]) -> int:
-        if len(self.sends) > 1:                     # two sends ago: long since taken by rank 0
-            common.wait_sends(self.sends[:1])
-            del self.sends[0]
-        k = self.step % 2
-        self.send_bufs[k] = common.pack((self.step, grad.size, common.dtype_code(grad.dtype), GRAD),
-                                        grad, self.send_bufs[k])
-        self.sends.append(self.comm.Isend([self.send_bufs[k], MPI.BYTE], dest=ROOT, tag=TAG_GRAD))
+        out = common.pack((self.step, grad.size, common.dtype_code(grad.dtype), GRAD), grad, self._free_buffer())
+        self.sends.append((self.comm.Isend([out, MPI.BYTE], dest=ROOT, tag=TAG_GRAD), out))
         msg, _, _ = common.receive(self.comm, ROOT, TAG_RESULT, f"backup step {self.step}'s result")
         self._check_result(msg, self.step)
         if grad.size != self.n or grad.dtype != self.dtype:
@@ -107,13 +109,26 @@ class Backup:
             raise rs.MismatchError(f"backup: rank {self.rank}'s gradient has {grad.size} elements "
                                    f"({grad.dtype}), set up for {self.n} ({self.dtype.name})")
         skipped = 0
-        while (newer := common.try_receive(self.comm, ROOT, TAG_RESULT)) is not None:
+        for newer, _, _ in common.waiting(self.comm, ROOT, TAG_RESULT):    # results already here
             grad[...] = common.payload(msg, self.dtype)
             apply()                                  # the update everyone made at that step
-            msg, skipped = newer[0], skipped + 1
+            msg, skipped = newer, skipped + 1
             self._check_result(msg, self.step + skipped)
         grad[...] = common.payload(msg, self.dtype)
         return skipped
+
+    def _free_buffer(self) -> np.ndarray | None:
+        """A send buffer that no send in flight uses (None: pack makes one). A late rank can
+        have several gradients on their way, rank 0 taking them only between its own steps:
+        each keeps its buffer until its send has completed."""
+        in_flight = []
+        for req, buf in self.sends:
+            if req.Test():
+                self.spare.append(buf)
+            else:
+                in_flight.append((req, buf))
+        self.sends = in_flight
+        return self.spare.pop() if self.spare else None
 
     def _check_result(self, msg: np.ndarray, step: int) -> None:
         head = common.header(msg)
@@ -126,7 +141,8 @@ class Backup:
     # --- rank 0: the aggregator ---------------------------------------------------------------
 
     def _take(self, msg: np.ndarray, source: int, arrived: list[int], problems: list[str]) -> None:
-        """File one gradient message: this step's joins `arrived`; an older one is dropped."""
+        """File one gradient message: this step's joins `arrived` while fewer than p-B have
+        (after that, and for an older step, it is dropped)."""
         step, size, code = (int(x) for x in common.header(msg)[:3])
         expected = (size == self.n and code == common.dtype_code(self.dtype)
                     and msg.size == common.HEADER_BYTES + self.n * self.dtype.itemsize)
@@ -134,20 +150,22 @@ class Backup:
             problems.append(f"backup: rank {source} sent a gradient of {size} elements "
                             f"(dtype code {code}) at step {step}; rank 0 has {self.n} "
                             f"({self.dtype.name}): the ranks' models differ")
-        elif step == self.step:
+        elif step == self.step and source in arrived:
+            problems.append(f"backup: rank {source} sent step {step}'s gradient twice")
+        elif step == self.step and len(arrived) < self.need:
             self.grads[source][...] = common.payload(msg, self.dtype)
             arrived.append(source)
         elif step > self.step:
             problems.append(f"backup: rank {source} sent step {step}'s gradient while rank 0 is at step "
                             f"{self.step}: the ranks run different step sequences")
-        else:                                        # too late: that step went ahead without it
+        else:                                        # too late: the step has (or had) its p-B
             self.dropped[source] += 1
 
     def _aggregate(self, grad: np.ndarray) -> None:
         arrived: list[int] = []
         problems: list[str] = []
-        while (got := common.try_receive(self.comm, tag=TAG_GRAD)) is not None:   # here before me
-            self._take(got[0], got[1], arrived, problems)
+        for msg, source, _ in common.waiting(self.comm, tag=TAG_GRAD):    # sent before mine was ready
+            self._take(msg, source, arrived, problems)
         own_ok = grad.size == self.n and grad.dtype == self.dtype
         if not own_ok:
             problems.append(f"backup: rank 0's gradient has {grad.size} elements ({grad.dtype}), "
@@ -168,14 +186,14 @@ class Backup:
         self._broadcast_result(OK, grad)
 
     def _average_into(self, out: np.ndarray, contributors: list[int]) -> None:
-        """Divide each gradient by the number of contributors, then sum chunk c starting from
-        rank c, round the ring: the front door's average (pre-scaled, so it cannot overflow)
-        in ring.py's order."""
+        """Divide each gradient by the number of contributors, then add them span by span in
+        the front door's order (self.order), skipping the dropped ranks: the front door's
+        average (pre-scaled, so it cannot overflow), and with B = 0 its very bits."""
         members, count = set(contributors), len(contributors)
         for r in contributors:
             np.divide(self.grads[r], count, out=self.grads[r])
-        for c, (lo, hi) in enumerate(self.bounds):
-            order = [(c + k) % self.p for k in range(self.p) if (c + k) % self.p in members]
+        for lo, hi, ranks in self.order:
+            order = [r for r in ranks if r in members]
             acc = out[lo:hi]
             acc[...] = self.grads[order[0]][lo:hi]
             for r in order[1:]:
@@ -218,7 +236,8 @@ class Backup:
             if problems:
                 raise rs.MismatchError(problems[0])
         else:
-            common.wait_sends(self.sends)
+            common.wait_sends([req for req, _ in self.sends])
+            self.sends.clear()
             bye = common.pack((self.step, 0, 0, BYE))
             common.wait_sends([self.comm.Isend([bye, MPI.BYTE], dest=ROOT, tag=TAG_GRAD)])
             msg, _, _ = common.receive(self.comm, ROOT, TAG_RESULT, "backup's closing message")
