@@ -236,16 +236,15 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
             guard.agree()
             return not guard.bad
         return True
+    algorithm = host_algorithm(flat.nbytes, checked=guard is not None)
+    if algorithm == "ride":
+        return _ride_on_opening(flat, guard, ops.OPS[op], prescale, w.rank)
     if guard is not None:
-        # (hot path: choose() would say "doubling": payload_limit <= the small limit)
-        if flat.nbytes <= guard.payload_limit and w.settings.allreduce == "auto":
-            return _ride_on_opening(flat, guard, ops.OPS[op], prescale, w.rank)
         guard.agree()
         if guard.bad:
             return False
-    algorithm = choose(flat.nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
     reduce = ops.OPS[op]
-    if algorithm == "shared" or (algorithm == "doubling" and w.single_node):
+    if algorithm == "shared":
         _shared(flat, reduce, prescale, opened=guard is not None, peers=peers)
         return True
     if prescale:
@@ -262,6 +261,19 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
     return True
 
 
+def host_algorithm(nbytes: int, checked: bool) -> str:
+    """How a host all-reduce of `nbytes` (> 0, on more than one rank) runs on this World:
+    "ride" (on the agreement check's opening, `checked` calls only: gathered.py), "shared"
+    (the node's shared memory: shared.py, hierarchical across nodes), "doubling",
+    "pipelined" or "ring". One place for _attempt and summation_order."""
+    w = world()
+    # (choose() would say "doubling" for a riding size: payload_limit <= the small limit)
+    if checked and nbytes <= w.checker.payload_limit and w.settings.allreduce == "auto":
+        return "ride"
+    algorithm = choose(nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
+    return "shared" if algorithm == "doubling" and w.single_node else algorithm
+
+
 def summation_order(n: int, dtype: np.dtype) -> list[tuple[int, int, tuple[int, ...]]] | None:
     """The order in which allreduce_ of n host elements of the float `dtype` adds the ranks'
     values on this World: (lo, hi, ranks) spans, where each element in lo..hi-1 is
@@ -270,24 +282,22 @@ def summation_order(n: int, dtype: np.dtype) -> list[tuple[int, int, tuple[int, 
     or across nodes (the hierarchical all-reduce adds the nodes' partial sums together).
 
     The order depends only on n, the dtype's size, p and the settings frozen at init() (the
-    project's rule, docs/ring.md): this follows _attempt's dispatch, with the same
-    chooser. backup.py averages by itself in this order, so backup:0 matches bsp bit for bit.
+    project's rule, docs/ring.md): it follows _attempt's road (host_algorithm). backup.py
+    averages by itself in this order, so backup:0 matches bsp bit for bit.
     """
     w = world()
-    p, nbytes = w.size, n * np.dtype(dtype).itemsize
+    p = w.size
     rank_order = [(0, n, tuple(range(p)))] if n else []
-    if p <= 2:                          # x0 + x1 == x1 + x0 bit for bit: every path agrees
+    if p <= 2 or not n:                 # x0 + x1 == x1 + x0 bit for bit: every path agrees
         return rank_order
-    if w.checker.enabled and nbytes <= w.checker.payload_limit and w.settings.allreduce == "auto":
-        return rank_order               # rides on the opening: gathered.py, in rank order
-    algorithm = choose(nbytes, p, w.settings, w.node is not None, w.small_bytes)
-    if algorithm == "shared" or (algorithm == "doubling" and w.single_node):
-        # the node's shared memory (shared.py): every element is added in (node) rank order
-        return rank_order if w.single_node else None
-    if algorithm == "doubling":
-        return None
+    algorithm = host_algorithm(n * np.dtype(dtype).itemsize, checked=w.checker.enabled)
+    if algorithm == "ride" or (algorithm == "shared" and w.single_node):
+        return rank_order               # gathered.py, or the node's shared memory: rank order
+    if algorithm in ("shared", "doubling"):
+        return None                     # across nodes, or a tree of pairs
     # ring.py (and pipelined.py, the same additions): chunk c starts at rank c and goes round
     return [(lo, hi, tuple((c + k) % p for k in range(p))) for c, (lo, hi) in enumerate(chunk_bounds(n, p))]
+
 
 def shared_peers(flat: np.ndarray, op: str) -> tuple[list[np.ndarray], int] | None:
     """`flat` in every node rank's shared window, if it lies in one (a shared FlatBuffer) and

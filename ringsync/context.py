@@ -183,15 +183,25 @@ def unread_bytes(fd: int) -> int:
         return 0
 
 
+def _flush(stream: object) -> None:
+    try:
+        stream.flush()
+    except (OSError, ValueError, AttributeError):
+        pass                                # closed or replaced: nothing of ours is in it
+
+
 def drain_output(limit: float = DRAIN_LIMIT_S) -> None:
     """Flush Python's stdout and stderr, then wait until the launcher has read both pipes
-    (at most `limit` seconds): what this rank printed is then in the launcher's hands."""
-    for stream in (sys.stderr, sys.stdout):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass                            # closed or replaced: nothing of ours is in it
+    (at most `limit` seconds). Hydra's proxy forwards what it reads before it reads anything
+    else; Open MPI's daemon queues it, and lost no message in the crash loop either way."""
     deadline = time.monotonic() + limit
+    for stream in (sys.stderr, sys.stdout):
+        # Each flush in a thread of its own, waited for until the deadline: another thread
+        # may hold the stream's lock, blocked writing to a pipe nobody reads (a stuck
+        # launcher), and an abort must not wait on it forever.
+        flusher = threading.Thread(target=_flush, args=(stream,), daemon=True)
+        flusher.start()
+        flusher.join(max(deadline - time.monotonic(), 0.0))
     for fd in (2, 1):
         while unread_bytes(fd) and time.monotonic() < deadline:
             time.sleep(0.001)

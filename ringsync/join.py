@@ -27,10 +27,11 @@ from .agreement import (
     record_call,
     record_shape,
 )
-from .collectives import allgather_rows, allreduce_flat_, broadcast_flat_
+from .collectives import allgather_rows, allreduce_flat_, broadcast_flat_, front_door
 from .context import world
 
 
+@front_door("join")
 def join() -> int:
     """Take part in the other ranks' collectives until every rank has called join().
 

@@ -40,7 +40,11 @@ def init(comm: MPI.Comm | None = None) -> None:
     except ValueError:
         w.free()
         raise
-    connect_nodes(w)
+    try:
+        connect_nodes(w)            # (shared memory can fail: no room in /dev/shm, say)
+    except OSError:
+        w.free()
+        raise
     w.small_bytes = w.settings.small_limit(w.size, w.single_node, w.node.slot_bytes if w.node else 0)
     w.checker = Checker(w.comm, w.settings, segment=w.node if w.single_node else None,
                         small_bytes=w.small_bytes)

@@ -12,10 +12,10 @@ from mpitools import ROOT, run_mpi
 DRAIN = """
 import sys, time
 from ringsync import context
+t0 = time.monotonic()              # before the parent can know: it waits at least its pause
 sys.stderr.write("x" * 1000)
 sys.stderr.flush()
 print("written", flush=True)
-t0 = time.monotonic()
 context.drain_output(limit={limit})
 print(f"{{time.monotonic() - t0:.3f}}", flush=True)
 """
@@ -33,7 +33,7 @@ def test_drain_waits_until_the_reader_has_taken_everything():
     assert len(child.stderr.read(1000)) == 1000
     waited = float(child.stdout.read())
     child.wait(timeout=30)
-    assert waited >= 0.8, waited             # it waited for the read, not a fixed pause
+    assert waited >= 1.0, waited             # it waited for the read, not a fixed pause
 
 
 def test_drain_gives_up_on_a_reader_that_never_reads():
@@ -42,7 +42,7 @@ def test_drain_gives_up_on_a_reader_that_never_reads():
     waited = float(child.stdout.readline())  # stderr left unread
     child.stderr.read()
     child.wait(timeout=30)
-    assert 0.25 <= waited < 5, waited
+    assert 0.3 <= waited < 20, waited        # the limit, not the 30 s of the next test
 
 
 def test_drain_returns_at_once_when_output_is_a_file(tmp_path):
@@ -51,7 +51,7 @@ def test_drain_returns_at_once_when_output_is_a_file(tmp_path):
         assert child.stdout.readline() == "written\n"
         waited = float(child.stdout.read())
         child.wait(timeout=30)
-    assert waited < 0.5, waited
+    assert waited < 20, waited               # nothing to wait for: not the 30 s limit
     assert (tmp_path / "err.txt").read_text() == "x" * 1000
 
 
@@ -73,6 +73,9 @@ import time; time.sleep(30)
 
 
 def test_a_crash_message_arrives_while_the_launcher_is_busy(tmp_path):
+    """A smoke test of the frozen launcher: the old code lost the message in about 1 such job
+    in 10 (MPICH), so one job rarely shows the loss; tests/loops/crash_messages.py runs many
+    and is the evidence. Here: the message must arrive, every time."""
     script = tmp_path / "job.py"
     script.write_text(FROZEN_LAUNCHER)
     t0 = time.monotonic()

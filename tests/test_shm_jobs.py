@@ -61,11 +61,13 @@ def test_no_error_line_when_mpi4py_is_imported_before_ringsync():
 
 
 CRASH_WITH_SHARED_MEMORY = """
-import sys
+import os, sys
 import numpy as np
 import ringsync as rs
 rs.init()
 fb = rs.FlatBuffer([(300_000,)], shared=True)
+sys.stdout.write(f"rank {rs.rank()} pid {os.getpid()}\\n")
+sys.stdout.flush()
 # Every mapping of ringsync's memory must already have lost its name (Linux: /proc/self/maps).
 starts = [rs.context.world().node.window.base, fb.window.base]
 for line in open("/proc/self/maps"):
@@ -102,7 +104,9 @@ def test_a_crash_leaves_nothing_of_ringsync_in_dev_shm():
     maps = re.findall(r"rank \d maps (\S+)( \(deleted\))?", done.stdout)
     assert len(maps) == 4, done.stdout          # 2 ranks x (segment, FlatBuffer)
     assert all(deleted for _, deleted in maps), maps
-    assert not [name for name in after - before if name.startswith("ringsync-")]
+    pids = set(re.findall(r"rank \d pid (\d+)", done.stdout))    # this job's names only: other
+    assert len(pids) == 2, done.stdout                             # jobs may run beside it
+    assert not [name for name in after - before if name.startswith(tuple(f"ringsync-{p}-" for p in pids))]
     # The MPI library's own files (MPICH: mpich_shm_*, Open MPI: sm_segment.*) used to stay
     # after every aborted job; the aborting rank now removes their names (context.abort_job).
     files = set(re.findall(r"rank \d has file (\S+)", done.stdout))
@@ -111,11 +115,18 @@ def test_a_crash_leaves_nothing_of_ringsync_in_dev_shm():
 
 
 POISON = """
-import time
+import sys, time
 import numpy as np
 import ringsync as rs
 from ringsync import ops
 rs.init()
+
+
+def say(line):                    # one write: ranks' lines never run together
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
+
 r, p = rs.rank(), rs.size()
 x = np.ones(300_000)                # large: copy in, sync, reduce, sync, copy out (per piece)
 rs.allreduce_(x)
@@ -127,18 +138,18 @@ if r == 1:
 start = time.monotonic()
 try:
     rs.allreduce_(x)
-    print(f"rank {r}: completed", flush=True)
+    say(f"rank {r}: completed")
 except BaseException as exc:        # caught: this rank goes on, as a training loop might
-    print(f"rank {r}: {type(exc).__name__} after {time.monotonic() - start:.1f}s: {exc}", flush=True)
+    say(f"rank {r}: {type(exc).__name__} after {time.monotonic() - start:.1f}s: {exc}")
 ops.OPS[ops.Sum] = real_add
 try:                                # the segment is poisoned for good: at once, every rank
     rs.allreduce(np.ones(4))
-    print(f"rank {r}: later call completed", flush=True)
+    say(f"rank {r}: later call completed")
 except rs.PeerFailedError as exc:
-    print(f"rank {r}: later {type(exc).__name__}: {exc}", flush=True)
+    say(f"rank {r}: later {type(exc).__name__}: {exc}")
 rs.shutdown()                       # a new segment: back to work
 rs.init()
-print(f"rank {r}: again {rs.allreduce(np.ones(4))[0]:.0f}", flush=True)
+say(f"rank {r}: again {rs.allreduce(np.ones(4))[0]:.0f}")
 rs.shutdown()
 """
 

@@ -50,6 +50,7 @@ init() make a new one.)
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import platform
@@ -93,9 +94,12 @@ class PeerFailedError(RuntimeError):
         self.rank = (word >> _KIND_BITS) & ((1 << _RANK_BITS) - 1)
         self.call = word >> (_KIND_BITS + _RANK_BITS)
         self.collective = COLLECTIVES[kind] if 0 <= kind < len(COLLECTIVES) else COLLECTIVES[0]
-        super().__init__(f"rank {self.rank} raised inside {self.collective} (call #{self.call}): "
-                         f"the collective cannot complete, and the node's shared memory stays "
-                         f"unusable (shutdown() and init() again to go on)")
+        super().__init__(word)      # (args is the word: the error pickles and copies)
+
+    def __str__(self) -> str:
+        return (f"rank {self.rank} raised inside {self.collective} (call #{self.call}): the "
+                f"collective cannot complete, and the node's shared memory stays unusable "
+                f"(shutdown() and init() again to go on)")
 
 
 def poison_word(collective: str, call: int, rank: int) -> int:
@@ -239,22 +243,23 @@ def _shm_directory() -> str:
 def _create(total: int) -> tuple[str, int]:
     """(path, 0) of a new file of `total` bytes with a name unique to this job; or (why, 1).
 
-    The free room is checked first: pages of a tmpfs file are allocated when first touched,
-    and one touched past a full /dev/shm kills the process with SIGBUS instead of raising."""
+    Every page is reserved now (posix_fallocate): a tmpfs file's pages are otherwise allocated
+    when first touched, and one touched past a full /dev/shm kills the process with SIGBUS
+    instead of raising. Reserving is the check that cannot race with other jobs filling it."""
     directory = _shm_directory()
     path = os.path.join(directory, f"ringsync-{os.getpid()}-{secrets.token_hex(8)}")
     try:
-        room = os.statvfs(directory)
-        free = room.f_bavail * room.f_frsize
-        if free < total:
-            return f"{directory} has {free} bytes free, the node's shared memory needs {total}", 1
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, total)
+            if hasattr(os, "posix_fallocate"):      # (Linux; elsewhere pages come on first touch)
+                os.posix_fallocate(fd, 0, total)
         finally:
             os.close(fd)
     except OSError as exc:
         _unlink(path)
+        if exc.errno == errno.ENOSPC:
+            return f"{directory} has no room for the node's shared memory ({total} bytes)", 1
         return f"{path}: {exc}", 1
     return path, 0
 

@@ -7,7 +7,8 @@
 # runs `make test MPI=...` RUNS times there (the first run creates the venv, as on a fresh
 # machine). The last LOADED runs have load beside them: two CPU-bound processes, a file being
 # written and read back, and a stream of short 2-rank MPI jobs. No retries: it stops at the
-# first failure and keeps that run's log. Prints one line per run and a closing count.
+# first failure and keeps that run's log. Prints one line per run (with how many files
+# /dev/shm gained over it: other jobs' files come and go beside it) and a closing count.
 set -uo pipefail
 runs=20 loaded=10 mpi=pypi repo="$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 while getopts "n:l:m:r:" opt; do
@@ -38,12 +39,13 @@ passed=0
 for i in $(seq 1 "$runs"); do
   under=$(( i > runs - loaded ))
   [ "$under" = 1 ] && [ -x "$venv/bin/python" ] && start_load
-  t0=$(date +%s)
+  t0=$(date +%s) shm0=$(ls /dev/shm 2>/dev/null | wc -l)
   make test MPI="$mpi" > "$work/run$i.log" 2>&1
   status=$?
   stop_load
-  printf 'run %2d (%s): %s in %ds  %s\n' "$i" "$([ "$under" = 1 ] && echo "with load" || echo quiet)" \
-    "$([ $status = 0 ] && echo passed || echo FAILED)" $(( $(date +%s) - t0 )) \
+  shm_grew=$(( $(ls /dev/shm 2>/dev/null | wc -l) - shm0 ))
+  printf 'run %2d (%s): %s in %ds, /dev/shm %+d files  %s\n' "$i" "$([ "$under" = 1 ] && echo "with load" || echo quiet)" \
+    "$([ $status = 0 ] && echo passed || echo FAILED)" $(( $(date +%s) - t0 )) "$shm_grew" \
     "$(grep -E '^[0-9]+ (passed|failed)' "$work/run$i.log" | tr '\n' ' ')"
   if [ $status != 0 ]; then
     echo "make test MPI=$mpi failed on run $i; its log: $work/run$i.log"

@@ -75,8 +75,9 @@ def try_receive(comm: MPI.Comm, source: int = MPI.ANY_SOURCE,
 
 def waiting(comm: MPI.Comm, source: int = MPI.ANY_SOURCE,
             tag: int = MPI.ANY_TAG) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Every message already sent here, as try_receive gives them, in the order MPI matches
-    them; ends after QUIET_PROBES probes in a row find nothing.
+    """The messages already sent here, as try_receive gives them, in the order MPI matches
+    them; ends after QUIET_PROBES probes in a row find nothing (a measured margin, not a
+    proof: a message MPI still hides after that many is left for later).
 
     One empty probe proves nothing: MPI moves messages only inside MPI calls (not while this
     rank computed), and a probe moves them a step at a time. After a long computation the
