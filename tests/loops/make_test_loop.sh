@@ -46,7 +46,7 @@ for i in $(seq 1 "$runs"); do
   shm_grew=$(( $(ls /dev/shm 2>/dev/null | wc -l) - shm0 ))
   printf 'run %2d (%s): %s in %ds, /dev/shm %+d files  %s\n' "$i" "$([ "$under" = 1 ] && echo "with load" || echo quiet)" \
     "$([ $status = 0 ] && echo passed || echo FAILED)" $(( $(date +%s) - t0 )) "$shm_grew" \
-    "$(grep -E '^[0-9]+ (passed|failed)' "$work/run$i.log" | tr '\n' ' ')"
+    "$(grep -a -E '^[0-9]+ (passed|failed)' "$work/run$i.log" | tr '\n' ' ')"
   if [ $status != 0 ]; then
     echo "make test MPI=$mpi failed on run $i; its log: $work/run$i.log"
     echo "loop: $passed passed, 1 failed"
