@@ -23,5 +23,6 @@ setup(
     entry_points={"console_scripts": [
         "ringsync-train = ringsync.training.train:main",
         "ringsync-report = ringsync.timing.report:main",
+        "ringsync-cluster = ringsync.cluster.cli:main",
     ]},
 )

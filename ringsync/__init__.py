@@ -8,6 +8,7 @@ Start reading at ringsync/algorithms/ring.py. The layers, top to bottom: trainin
 fusion.py, timing/ (wraps the front doors), collectives.py (the front doors), agreement.py,
 algorithms/, transport/. The public API below is grouped by topic.
 """
+import importlib as _importlib
 import os as _os
 import platform as _platform
 
@@ -20,28 +21,51 @@ import platform as _platform
 if _platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
     _os.environ.setdefault("OMPI_MCA_osc", "^ucx")
 
-# The MPI world
-from .context import is_initialized, local_rank, local_size, rank, size
-from .startup import init, shutdown
+# The public API, by topic: each name and the module that defines it. A name is imported on
+# first use (PEP 562), so `import ringsync` alone does not start MPI: the tools beside the
+# library (ringsync-cluster and its ssh stand-in, docs/cluster.md) never become MPI processes.
+# Everything that uses the API (rs.init(), rs.allreduce, ...) imports it as before.
+_API = {
+    # The MPI world
+    ".context": ("is_initialized", "local_rank", "local_size", "rank", "size"),
+    ".startup": ("init", "shutdown"),
+    # Collectives, their ops, uneven work, and what they raise when ranks disagree
+    ".ops": ("Average", "Max", "Min", "Sum"),
+    ".collectives": ("allgather", "allreduce", "allreduce_", "allreduce_fused_", "barrier",
+                     "broadcast", "broadcast_"),
+    ".join": ("join",),
+    ".agreement": ("MismatchError",),
+    ".transport.shm": ("PeerFailedError",),
+    # Tensor fusion
+    ".fusion": ("FlatBuffer", "grouped_allreduce", "grouped_allreduce_"),
+    # Training
+    ".training.optim": ("SGD", "DistributedOptimizer", "broadcast_parameters"),
+    # GPU buffers
+    ".transport.gpu": ("GPUUnavailable", "array_module", "use_gpu"),
+}
+_HOME = {name: module for module, names in _API.items() for name in names}
 
-# Collectives, their ops, uneven work, and what they raise when ranks disagree
-from .ops import Average, Max, Min, Sum
-from .collectives import allgather, allreduce, allreduce_, allreduce_fused_, barrier, broadcast, broadcast_
-from .join import join
-from .agreement import MismatchError
-from .transport.shm import PeerFailedError
 
-# Tensor fusion
-from .fusion import FlatBuffer, grouped_allreduce, grouped_allreduce_
+def __getattr__(name: str):
+    """A public name (or a submodule: rs.timing, rs.context) on first use."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if name in _HOME:
+        value = getattr(_importlib.import_module(_HOME[name], __name__), name)
+    else:
+        try:
+            value = _importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise                       # the submodule exists but needs what is missing
+            raise AttributeError(f"module 'ringsync' has no attribute {name!r}") from exc
+    globals()[name] = value
+    return value
 
-# Training
-from .training.optim import SGD, DistributedOptimizer, broadcast_parameters
 
-# GPU buffers
-from .transport.gpu import GPUUnavailable, array_module, use_gpu
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
-# Timing: probes, hooks, the straggler report (ringsync.timing)
-from . import timing
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 Layers, top to bottom (a module may call into its own layer or any layer below it):
 
-    startup (init), training/  ->  fusion  ->  timing/  ->  join, stall
+    startup (init), training/, cluster/ (a tool)  ->  fusion  ->  timing/  ->  join, stall
       ->  collectives (the front doors)  ->  agreement  ->  algorithms/  ->  transport/
       ->  context, config, ops, files, cli
 
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "ringsync"
 
 LAYERS = [
-    ("ringsync.startup", "ringsync.training"),
+    ("ringsync.startup", "ringsync.training", "ringsync.cluster"),
     ("ringsync.fusion",),
     ("ringsync.timing",),
     ("ringsync.join", "ringsync.stall"),
@@ -164,3 +166,18 @@ def test_no_private_names_that_look_like_dunders():
 
 def test_every_module_has_a_layer():
     assert [n for n in modules() if n != "ringsync" and layer(n) is None] == []
+
+
+def test_the_cluster_tool_is_off_the_data_path():
+    """ringsync.cluster (emulated hosts) is a tool: no library module imports it, it imports
+    nothing of the library but the command-line helpers, and importing it starts no MPI."""
+    graph = import_graph()
+    users = [m for m, targets in graph.items() if not m.startswith("ringsync.cluster")
+             and any(t.startswith("ringsync.cluster") for t in targets)]
+    assert not users, users
+    used = {t for m, targets in graph.items() if m.startswith("ringsync.cluster") for t in targets}
+    assert {t for t in used if not t.startswith("ringsync.cluster")} == {"ringsync.cli"}
+    code = "import sys, ringsync.cluster.cli, ringsync.cluster.agent; print('mpi4py.MPI' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=60, cwd=ROOT.parent)
+    assert done.stdout.strip() == "False", done

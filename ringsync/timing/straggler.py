@@ -80,7 +80,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{row['rank']:>5} {row['compute_s']:>10.4f} {row['wait_s']:>10.4f} "
                      f"{row['allreduce_s']:>12.4f} {row['steps_slowest']:>14}")
     slow = report["ranks"][st["slowest_rank"]]["steps_slowest"]
-    lines.append(f"slowest rank: {st['slowest_rank']} (the last to arrive in {slow} of {steps} steps)")
+    host = f" on {st['slowest_host']}" if "slowest_host" in st else ""
+    lines.append(f"slowest rank: {st['slowest_rank']}{host} (the last to arrive in {slow} of {steps} steps)")
     lines.append(f"straggler cost: {st['cost_s']:.4f} rank-seconds spent waiting = "
                  f"{100 * st['cost_fraction']:.1f}% of {p} rank(s) x {st['wall_s']:.3f} s")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -331,6 +332,17 @@ def gather_rank_records(record: dict) -> list[dict]:
     return [{k: kinds[k](v) for k, v in zip(keys, r)} for r in rows]
 
 
+HOST_BYTES = 64
+
+
+def gather_hosts() -> list[str]:
+    """Every rank's host name, in rank order, on every rank (ringsync's allgather)."""
+    name = socket.gethostname().encode()[:HOST_BYTES]
+    row = np.zeros((1, HOST_BYTES), dtype=np.uint8)
+    row[0, :len(name)] = np.frombuffer(name, dtype=np.uint8)
+    return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rs.allgather(row)]
+
+
 def params_identical(params_flat) -> tuple[bool, str]:
     """(whether every rank's parameters hash alike, rank 0's sha256) -- via ringsync's allgather."""
     digest = hashlib.sha256(_to_host(params_flat).tobytes()).digest()
@@ -419,6 +431,11 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
     _, test_acc = trainer.evaluate(data.x_test, data.y_test)
     identical, digest = params_identical(trainer.params.data)
     ranks = gather_rank_records(trainer.rank_record())
+    hosts = gather_hosts()
+    for row, host in zip(ranks, hosts):
+        row["host"] = host
+    if straggler_report:                     # where the slowest rank runs (across hosts)
+        straggler_report["straggler"]["slowest_host"] = hosts[straggler_report["straggler"]["slowest_rank"]]
     samples = trainer.steps_run * trainer.global_batch
     report = {
         "world_size": rs.size(), "steps": trainer.step, "steps_this_run": trainer.steps_run,

@@ -201,6 +201,7 @@ def format_timing(report: dict) -> str:
     for row in report["ranks"]:
         lines.append(f"{row['rank']:>5} {row['role']:>7} {row['units']:>9} {row['compute_s']:>10.4f} "
                      f"{row['wait_s']:>10.4f} {row['exchange_s']:>11.4f}")
-    lines.append(f"slowest: rank {st['slowest_rank']} (computed the fewest); waiting: {st['cost_s']:.4f} "
+    host = f" on {st['slowest_host']}" if "slowest_host" in st else ""
+    lines.append(f"slowest: rank {st['slowest_rank']}{host} (computed the fewest); waiting: {st['cost_s']:.4f} "
                  f"rank-seconds = {100 * st['cost_fraction']:.1f}% of the computing ranks' time")
     return "\n".join(lines)
