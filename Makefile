@@ -112,7 +112,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[plot]'
 	touch $@
 
-.PHONY: bench-one bench-trainer
+.PHONY: bench-one bench-trainer cluster-bench
 
 bench: $(VENV)/.bench
 	@set -e; for m in $(BENCH_MPIS); do \
@@ -181,6 +181,20 @@ sync-lab: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
 	timeout -k 10 $(MPI_TIMEOUT) $(PY) benchmarks/sync_vs_async.py --mpiexec "$(MPIEXEC) $(MPIEXEC_FLAGS)" \
 	  --out $(BENCH_OUT)
+
+# All-reduce across emulated hosts against the link's limit (root; docs/cluster.md), on MPI=...:
+# CLUSTER_SHAPES (hosts x ranks per host) x CLUSTER_RATES, 4 KB to 64 MB, ringsync / the flat
+# ring / MPI's Allreduce interleaved, CLUSTER_CALLS calls in each of CLUSTER_LAUNCHES launches.
+# Into benchmarks/results/cluster/<date>_<mpi>.{txt,json,png}. The whole grid takes about 20
+# minutes per MPI on 2 cores; CLUSTER_SHAPES=2x2 CLUSTER_RATES=1gbit about 4.
+CLUSTER_SHAPES   ?= 2x1,2x2,3x1,3x2
+CLUSTER_RATES    ?= 1gbit,10gbit,none
+CLUSTER_CALLS    ?= 20
+CLUSTER_LAUNCHES ?= 3
+CLUSTER_OUT      ?= benchmarks/results/cluster/$(shell date +%F)_$(call bench_name,$(MPI))
+cluster-bench: $(VENV)/.bench
+	$(PY) benchmarks/cluster_bench.py --shapes $(CLUSTER_SHAPES) --rates $(CLUSTER_RATES) \
+	  --calls $(CLUSTER_CALLS) --launches $(CLUSTER_LAUNCHES) --out $(CLUSTER_OUT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ringsync tests benchmarks examples

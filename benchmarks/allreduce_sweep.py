@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             algbw = nbytes / t / 1e9
             row = {"size": nbytes, "count": count, "type": dtype.name, "impl": name, "ranks": p,
                    "iters": iters, "time_us": t * 1e6, "min_us": float(np.min(times[name])) * 1e6,
+                   "rounds_us": [round(float(x) * 1e6, 2) for x in times[name]],
                    "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
                    "speedup_vs_mpi": med["mpi"] / t if "mpi" in med else None,
                    "over_ceiling": t / med["ceiling"] if "ceiling" in med else None,

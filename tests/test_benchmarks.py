@@ -54,6 +54,9 @@ def test_dtype_names():
     ("handoff.py", ["-b", "4K", "-r", "0"]),
     ("train_step.py", ["--transports", "p2p,tcp"]),
     ("train_step.py", ["--transports", "p2p,p2p"]),
+    ("cluster_bench.py", ["--shapes", "2by2", "--out", "x"]),
+    ("cluster_bench.py", ["--rates", "fast", "--out", "x"]),
+    ("link_bytes.py", ["--sizes", "banana"]),
 ])
 def test_bad_cli_input_exits_2_with_one_line(script, args):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],

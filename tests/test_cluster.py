@@ -325,3 +325,18 @@ def test_without_root_it_says_so_in_one_line():
     assert done.returncode == 2, done
     assert done.stderr.strip() == ("ringsync-cluster: error: emulated hosts need root (network "
                                    "namespaces): run it with sudo"), done.stderr
+
+
+def test_the_cluster_benchmark_runs_and_counts_the_links(shared):
+    out = shared / "bench"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cluster_bench.py"), "--shapes", "2x1",
+                           "--rates", "none", "-b", "256K", "-e", "1M", "--launches", "1", "--calls", "2",
+                           "--out", str(out)], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    rows = doc["configs"][0]["rows"]
+    assert {r["impl"] for r in rows} == {"ringsync", "flat ring (p2p)", "mpi"}
+    assert {r["size"] for r in rows} == {256 << 10, 1 << 20} and all(r["calls"] == 2 for r in rows)
+    counted = doc["configs"][0]["link_bytes"]
+    assert counted and all(min(b["sent"] + b["received"]) >= b["expected"] for b in counted)
+    assert out.with_suffix(".png").stat().st_size > 0 and "of_link" in out.with_suffix(".txt").read_text()

@@ -10,7 +10,8 @@ tell that all "hosts" share one kernel), so each transport layer is told to use 
   (without them UCX moves bytes between hosts through shared memory: 16 MB in 35 ms "over"
   a 1 Gbit/s link, 4x faster than the link); FI_PROVIDER=tcp for libfabric.
 - Open MPI's wheel: pml ob1 with btl tcp,self,sm (sm only within a host: each host has its
-  own /dev/shm), TCP on eth0 for MPI and for its runtime (oob).
+  own /dev/shm), TCP on eth0 for MPI and for its runtime (oob), and an eager limit of 1 MiB
+  (below: messages go without a rendezvous).
 
 Within a host, ranks share memory as on any node (ringsync's segment, MPI's own sm).
 """
@@ -32,7 +33,14 @@ OPENMPI_PINS = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "tcp,self,sm",
                 "PRTE_MCA_oob_tcp_if_include": "eth0",
                 # The Makefile's setting for one host, and more needed here: without it Open
                 # MPI's own Allreduce across namespaces took 2.15 s at 16 MB (148 ms with it).
-                "OMPI_MCA_mpi_yield_when_idle": "1"}
+                "OMPI_MCA_mpi_yield_when_idle": "1",
+                # Above this, ob1 sends a TCP message by rendezvous: a round trip to the
+                # receiver before the bytes. ringsync's hierarchical all-reduce moves a node's
+                # slot (RINGSYNC_SHM_SLOT_BYTES, 1 MiB) per exchange; at the default 64 KiB each
+                # waited for the peer to be scheduled on the shared cores, and a 16 MB all-reduce
+                # on 2x2 hosts at 1 Gbit/s took 200 ms (0.67 of the link) instead of 145 ms
+                # (MPI's own: 141 ms, the same either way). docs/cluster.md.
+                "OMPI_MCA_btl_tcp_eager_limit": str(1 << 20)}
 MPIS = ("mpich", "openmpi")
 
 
