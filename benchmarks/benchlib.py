@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ringsync.cli import OneLineParser
+from ringsync.cli import OneLineParser, float_at_least, int_at_least
 from ringsync.files import atomic_write, atomic_write_text
-from ringsync.training.train import float_at_least, int_at_least
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 

@@ -33,7 +33,7 @@ _API = {
     ".ops": ("Average", "Max", "Min", "Sum"),
     ".collectives": ("allgather", "allreduce", "allreduce_", "allreduce_fused_", "barrier",
                      "broadcast", "broadcast_"),
-    ".join": ("join",),
+    ".uneven": ("join",),
     ".agreement": ("MismatchError",),
     ".transport.shm": ("PeerFailedError",),
     # Tensor fusion

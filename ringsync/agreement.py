@@ -36,7 +36,7 @@ ceil(log2 p) message rounds, whatever the call, so ranks in different calls stil
 
 The same slow path carries the other cross-rank news: a rank with NaN/Inf in its input
 (RINGSYNC_CHECK_FINITE=1), a rank whose own arguments were refused (so the others raise
-too instead of waiting), and ranks that have called join() (see join.py).
+too instead of waiting), and ranks that have called join() (see uneven.py).
 """
 from __future__ import annotations
 

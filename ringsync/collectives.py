@@ -181,7 +181,7 @@ def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributo
     """All-reduce the contiguous 1-D buffer `flat` in place; an average divides by `contributors`.
 
     With a guard, a call the ranks disagree on raises on every rank (agreement.py), or, when
-    the only difference is that ranks have joined (join.py), is redone without them. `peers`:
+    the only difference is that ranks have joined (uneven.py), is redone without them. `peers`:
     `flat` as it lies in every node rank's shared window (a shared FlatBuffer), read in place.
     """
     if not _attempt(flat, op, guard, contributors, peers):
@@ -549,7 +549,7 @@ def _broadcast(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
 
 
 def broadcast_flat_(flat: np.ndarray, root: int, shared: bool = True) -> None:
-    """The broadcast itself, after the opening (join.py's joined ranks call it directly): a
+    """The broadcast itself, after the opening (uneven.py.s joined ranks call it directly): a
     small one (RINGSYNC_SMALL_BYTES at most) on one node through its shared memory, else (or
     not `shared`) down a binomial tree of messages.
 
@@ -622,7 +622,7 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
 
 
 def allgather_rows(arr: np.ndarray, shared: bool = True, layouts: list[list[int]] | None = None) -> np.ndarray:
-    """The all-gather itself, after the opening (join.py's joined ranks call it directly;
+    """The all-gather itself, after the opening (uneven.py.s joined ranks call it directly;
     `shared` as for broadcast_flat_): `layouts` are every rank's _layout_row, in rank order,
     when the opening has carried them, else exchanged here.
 

@@ -202,13 +202,13 @@ class Inspector:
         return "; ".join(parts), min(waiting) == w.rank
 
 
-_COLLECTIVE_MODULES = ("ringsync.collectives", "ringsync.join", "ringsync.fusion")
+_COLLECTIVE_MODULES = ("ringsync.collectives", "ringsync.uneven", "ringsync.fusion")
 
 
 def inside_collective() -> bool:
     """Is a thread of this process (other than the caller) inside a ringsync collective?
 
-    Read off the threads' Python stacks: the front doors live in collectives.py, join.py and
+    Read off the threads' Python stacks: the front doors live in collectives.py, uneven.py and
     fusion.py (whose shared FlatBuffer is made collectively, too).
     """
     me = threading.get_ident()

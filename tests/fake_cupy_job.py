@@ -108,8 +108,8 @@ def layers_check() -> list[str]:
 
 
 def join_check() -> list[str]:
-    """Rank 0 joins at once (join.py); the others reduce and broadcast device arrays without it."""
-    from ringsync.join import join
+    """Rank 0 joins at once (uneven.py); the others reduce and broadcast device arrays without it."""
+    from ringsync.uneven import join
     bad = []
     if COMM.rank != 0:
         for transport in (gpu.STAGED, gpu.CUDA_AWARE):

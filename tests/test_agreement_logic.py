@@ -13,7 +13,7 @@ from ringsync.agreement import (
     judge,
 )
 from ringsync.config import Settings
-from ringsync.join import neutral
+from ringsync.uneven import neutral
 
 
 def record(kind=ALLREDUCE, op="sum", dtype=np.float32, shape=(4,), root=-1, group=1, name=None,

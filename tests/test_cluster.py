@@ -44,14 +44,45 @@ def nothing_left_behind():
         pytest.skip(f"no emulated hosts: {why}")
     os.environ.pop("RINGSYNC_NODE_SIZE", None)        # nodes from MPI, not simulated
     runs, shm, ifaces = set(cluster_hosts.runs()), set(os.listdir("/dev/shm")), root_interfaces()
+    spaces = namespaces_in_use()
     yield
     assert set(cluster_hosts.runs()) <= runs, "a cluster of this test is still up"
     assert root_interfaces() <= ifaces, "an interface appeared in the root namespace"
+    # A namespace with a process still inside outlives its name, with its veth and qdisc.
+    # (A process being killed may take a moment to be gone: 2 s, not longer.)
+    deadline = time.monotonic() + 2
+    while not namespaces_in_use() <= spaces and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert namespaces_in_use() <= spaces, f"a process of this test lives on in a namespace: {strays(spaces)}"
     grew = unmapped(set(os.listdir("/dev/shm")) - shm)
     if grew:                  # a file another job on this machine is making: gone or mapped soon
         time.sleep(2)
         grew = unmapped(grew)
     assert not grew, f"/dev/shm grew: {grew}"
+
+
+def namespaces_in_use() -> set[int]:
+    """Every network and PID namespace some process on the machine is in (by inode)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for kind in ("net", "pid"):
+            try:
+                found.add(os.stat(f"/proc/{pid}/ns/{kind}").st_ino)
+            except OSError:
+                pass
+    return found
+
+
+def strays(known: set[int]) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            spaces = {os.stat(f"/proc/{pid}/ns/{k}").st_ino for k in ("net", "pid")}
+            if spaces - known:
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100])
+        except OSError:
+            pass
+    return found
 
 
 def root_interfaces() -> set[str]:
@@ -74,6 +105,7 @@ def unmapped(names: set[str]) -> set[str]:
 def shared():
     """A folder every host sees (each host has its own /tmp, as cluster nodes do)."""
     folder = Path(tempfile.mkdtemp(prefix="ringsync-cluster-test-", dir="/var/tmp"))
+    folder.chmod(0o755)              # under sudo the ranks run as the user who called it
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -113,6 +145,33 @@ def test_local_ranks_and_nodes_come_from_the_hosts(shared, slots):
                              "nodes", "many", "shm", "ringsync-shm"])
             r += 1
     assert sorted(seen, key=lambda s: int(s[1])) == expected, done.stdout
+
+
+DAEMON = """
+import os, sys
+import ringsync as rs
+rs.init()
+environ = open(f"/proc/{os.getppid()}/environ", "rb").read().split(b"\\0")
+marked = any(e.startswith(b"RINGSYNC_MARKER=") for e in environ)
+sys.stdout.write(f"rank {rs.rank()} uid {os.getuid()} pidns {os.stat('/proc/self/ns/pid').st_ino} "
+                 f"daemon_env_marked {marked}\\n")
+"""
+
+
+def test_ranks_start_through_the_agent_in_their_host(shared):
+    """Every host's daemon starts as ssh would start it: in the host's namespaces (PID ones
+    too), as the cluster's user, with a clean environment (the launcher's own variables, here
+    RINGSYNC_MARKER, do not reach the daemon; MPI then forwards what it forwards itself)."""
+    with Cluster.up(ClusterSpec([2, 1])) as cluster:
+        done = run(cluster, [job(shared, DAEMON)], env={"RINGSYNC_MARKER": "1"})
+        pidns = {h.pid_ns: h.hostname for h in cluster.hosts}
+        uid = cluster.uid
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sorted(line.split() for line in program_lines(done.stdout))
+    assert len(rows) == 3, done.stdout
+    hosts = [pidns.get(int(r[5])) for r in rows]
+    assert sorted(hosts) == ["host0", "host0", "host1"], (rows, pidns)
+    assert all(r[3] == str(uid) and r[7] == "False" for r in rows), rows
 
 
 RESULTS = """
@@ -311,11 +370,12 @@ def test_a_stopped_command_leaves_nothing(shared, sig):
 
 
 @pytest.mark.parametrize("args", [["run", "--rate", "fast", "--", "true"], ["run", "--slots", "2,0", "--", "true"],
-                                  ["run", "--hosts", "2"], ["down", "not-ours"]])
+                                  ["run", "--hosts", "2"], ["down", "not-ours"], ["status", "rsc-000000"],
+                                  ["run", "--name", "rsc-000000", "--", "true"]])
 def test_bad_input_exits_2_with_one_line(args):
     done = subprocess.run([*CLI, *args], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done
-    assert len(done.stderr.strip().splitlines()) <= 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_without_root_it_says_so_in_one_line():

@@ -141,7 +141,7 @@ def test_fusion_on_gpu(rs, cp):
 
 @pytest.mark.mpi(min_size=2)
 def test_join_with_device_arrays(rs, cp, transport):
-    from ringsync.join import join
+    from ringsync.uneven import join
     if COMM.rank != 0:                          # rank 0 has no work: it joins at once
         out = rs.allreduce(cp.full(5, float(COMM.rank)), op="average")
         ok = np.array_equal(cp.asnumpy(out), np.full(5, COMM.size / 2.0))   # mean of ranks 1..p-1

@@ -24,7 +24,7 @@ LAYERS = [
     ("ringsync.startup", "ringsync.training", "ringsync.cluster"),
     ("ringsync.fusion",),
     ("ringsync.timing",),
-    ("ringsync.join", "ringsync.stall"),
+    ("ringsync.uneven", "ringsync.stall"),
     ("ringsync.collectives",),
     ("ringsync.agreement",),
     ("ringsync.algorithms",),
@@ -181,3 +181,16 @@ def test_the_cluster_tool_is_off_the_data_path():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           timeout=60, cwd=ROOT.parent)
     assert done.stdout.strip() == "False", done
+
+
+def test_every_public_name_is_what_it_says_after_any_import():
+    """ringsync's names load on first use (ringsync/__init__.py): importing a submodule first
+    must not leave its module where a function of the same name belongs (rs.join once was)."""
+    names = sorted(modules())
+    code = ("import importlib, types, ringsync as rs\n"
+            f"for m in {names!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print([n for n in rs.__all__ if isinstance(getattr(rs, n), types.ModuleType) and n != 'timing'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=60, cwd=ROOT.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done

@@ -75,8 +75,9 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?")
     status.add_argument("--measure", action="store_true",
                         help="also measure each link's single-stream rate (1 s per link)")
-    down = sub.add_parser("down", help="remove a cluster (default: every orphaned one)")
+    down = sub.add_parser("down", help="remove a cluster (default: those of `run`s that are gone)")
     down.add_argument("name", nargs="?")
+    down.add_argument("--all", action="store_true", help="every cluster, `up` ones included")
     return p
 
 
@@ -121,17 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    # Ctrl-C raises KeyboardInterrupt even where the shell started us with SIGINT ignored
+    # (a background job): the teardown must run either way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return verb(args, p)
-    except (ClusterError, ValueError) as exc:
+    except (ClusterError, ValueError, OSError) as exc:
         cli.fail(PROG, str(exc))
     except KeyboardInterrupt:                  # the hosts are down already (`finally`)
         return 130
 
 
 def verb(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    hosts.check_can_emulate()
     if args.verb == "down":
-        names = [args.name] if args.name else [r for r in hosts.runs() if hosts.orphaned(r)]
+        names = [args.name] if args.name else [r for r in hosts.runs() if args.all or hosts.orphaned(r)]
         for name in names:
             hosts.remove(name)
             print(f"removed {name}")
@@ -139,22 +144,21 @@ def verb(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if args.verb == "status":
         names = [args.name] if args.name else hosts.runs()
         for name in names:
-            print(describe(Cluster.load(name), measure=args.measure))
+            print(describe(load(name), measure=args.measure))
         if not names:
             print("no emulated hosts")
         return 0
     if args.verb == "up":
         cluster = Cluster.create(spec_of(args), persistent=True)
+        print(cluster.prefix, flush=True)     # first: whatever fails next, `down NAME` works
         if args.hosts_file:
             write_hostfile(cluster, args.hosts_file)
-        print(cluster.prefix)
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("run: no command given (put it after --)")
-    hosts.check_can_emulate()
     if args.name:
-        return launch.run(Cluster.load(args.name), command, args.mpi, timeout=args.timeout,
+        return launch.run(load(args.name), command, args.mpi, timeout=args.timeout,
                           forward=tuple(args.forward), capture=False).returncode
     with Cluster.up(spec_of(args)) as cluster:
         if args.hosts_file:
@@ -163,6 +167,13 @@ def verb(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         sys.stderr.flush()
         return launch.run(cluster, command, args.mpi, timeout=args.timeout,
                           forward=tuple(args.forward), capture=False).returncode
+
+
+def load(name: str) -> Cluster:
+    try:
+        return Cluster.load(name)
+    except OSError:
+        raise ClusterError(f"no cluster named {name!r} (see ringsync-cluster status)") from None
 
 
 def write_hostfile(cluster: Cluster, path: str) -> None:

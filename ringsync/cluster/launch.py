@@ -95,13 +95,19 @@ def run(cluster: Cluster, argv: list[str], mpi: str | None = None,
         env: dict[str, str] | None = None, forward: tuple[str, ...] = (),
         timeout: float | None = None, ranks: int | None = None,
         capture: bool = True) -> subprocess.CompletedProcess:
-    """Launch argv across the cluster and wait. The launcher runs on host0 (its network,
-    hostname and files, as a login node would); every process the job left on any host is
-    killed when it ends, also on timeout (then returncode is 124, as timeout(1) gives)."""
+    """Launch argv across the cluster and wait. The launcher runs on the login node (its
+    network, hostname and files), so every host's daemon and ranks start through the agent;
+    every process the job left anywhere is killed when it ends, also on timeout (then
+    returncode is 124, as timeout(1) gives), and the launcher dies with this process.
+
+    (The launcher keeps the root PID namespace: the agent it starts must enter the hosts' PID
+    namespaces, and a process can only enter a PID namespace below its own.)"""
     mpi, launcher = launcher_of(mpi)
     names = list(forward) + [k for k in (env or {}) if k not in forward]
-    argv_full = ["nsenter", "-t", str(cluster.hosts[0].init), "--net", "--uts", "--mount",
-                 f"--wd={os.getcwd()}", *command(cluster, mpi, launcher, argv, names, ranks)]
+    login = cluster.login or cluster.hosts[0]
+    argv_full = ["setpriv", "--pdeathsig", "KILL", "nsenter", "-t", str(login.init), "--net",
+                 "--uts", "--mount", f"--wd={os.getcwd()}",
+                 *command(cluster, mpi, launcher, argv, names, ranks)]
     out = subprocess.PIPE if capture else None
     job = subprocess.Popen(argv_full, env=environment(mpi, env), stdout=out, stderr=out,
                            text=True, start_new_session=True)
@@ -109,11 +115,13 @@ def run(cluster: Cluster, argv: list[str], mpi: str | None = None,
         stdout, stderr = job.communicate(timeout=timeout)
         code = job.returncode
     except subprocess.TimeoutExpired:
+        cluster.kill_jobs()              # first: daemons elsewhere may hold the output pipes
         os.killpg(job.pid, 9)
-        stdout, stderr = job.communicate()
+        stdout, stderr = job.communicate(timeout=30)
         code = 124
     finally:
         if job.poll() is None:
+            cluster.kill_jobs()
             os.killpg(job.pid, 9)
             job.wait()
         cluster.kill_jobs()

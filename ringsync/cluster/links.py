@@ -67,14 +67,6 @@ def in_host(cluster: Cluster, hostname: str, code: str, *args: str) -> subproces
                             text=True)
 
 
-def shaper_bytes(cluster: Cluster) -> dict[str, LinkBytes]:
-    """Each host's link as its two token buckets count it (up: the host's eth0, down: its
-    port on the switch): every frame with its own headers. Zero where a link is unshaped."""
-    return {h.hostname: LinkBytes(up=int(netns.qdisc_stats(h.ns, "eth0").get("bytes", 0)),
-                                  down=int(netns.qdisc_stats(cluster.switch, h.port).get("bytes", 0)))
-            for h in cluster.hosts}
-
-
 @dataclass
 class LinkRate:
     """One stream's rate in bits per second over src's uplink and dst's downlink, counted
@@ -84,29 +76,37 @@ class LinkRate:
     counted_by: str
 
 
-def measure_rate(cluster: Cluster, src: str, dst: str, seconds: float = 1.0,
+def measure_rate(cluster: Cluster, src: str, dst: str, seconds: float = 2.0,
                  warmup: float = 0.3) -> LinkRate:
-    """One TCP stream from src to dst, flat out; the rate that crossed the links after a
-    warm-up. ip's counters see a GSO packet's headers once, the wire (and tbf) once per
-    segment: at an MTU of 1500 they read 4-5% under the wire rate, so a shaped link is
-    measured by its shaper."""
+    """One TCP stream from src to dst, flat out; the rate that crossed src's uplink and dst's
+    downlink after a warm-up. ip's counters see a GSO packet's headers once, the wire (and
+    tbf) once per segment: at an MTU of 1500 they read 4-5% under the wire rate, so a shaped
+    link is measured by its shaper. Each reading is timed at its middle."""
     shaped = cluster.spec.rate_bps is not None
-    read = shaper_bytes if shaped else counters
+    s, d = cluster.host(src), cluster.host(dst)
+
+    def read() -> tuple[float, int, int]:
+        t = time.monotonic()
+        if shaped:
+            up = int(netns.qdisc_stats(s.ns, "eth0").get("bytes", 0))
+            down = int(netns.qdisc_stats(cluster.switch, d.port).get("bytes", 0))
+        else:
+            up, down = netns.link_bytes(cluster.switch, s.port)[0], netns.link_bytes(cluster.switch, d.port)[1]
+        return (t + time.monotonic()) / 2, up, down
+
     sink = in_host(cluster, dst, SINK)
     try:
         if not sink.stdout or sink.stdout.readline().strip() != "listening":
             raise netns.ClusterError(f"rate: the sink on {dst} did not start: "
                                      f"{sink.stderr.read() if sink.stderr else ''}")
-        source = in_host(cluster, src, SOURCE, cluster.host(dst).address,
-                         str(warmup + seconds + 0.3))
+        source = in_host(cluster, src, SOURCE, d.address, str(warmup + seconds + 0.5))
         time.sleep(warmup)
-        t0, before = time.monotonic(), read(cluster)
+        t0, up0, down0 = read()
         time.sleep(seconds)
-        t1, after = time.monotonic(), read(cluster)
+        t1, up1, down1 = read()
         source.wait(timeout=30)
     finally:
         sink.kill()
         sink.wait()
-    moved = difference(after, before)
-    return LinkRate(8 * moved[src].up / (t1 - t0), 8 * moved[dst].down / (t1 - t0),
+    return LinkRate(8 * (up1 - up0) / (t1 - t0), 8 * (down1 - down0) / (t1 - t0),
                     "tbf" if shaped else "ip")

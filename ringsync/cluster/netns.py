@@ -38,7 +38,7 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> str:
 # --- hosts: a holder process per host -------------------------------------------------------
 
 def start_holder(hostname: str, hosts_file: Path, shm_bytes: int,
-                 die_with_parent: bool) -> subprocess.Popen:
+                 die_with_parent: bool, own_proc: bool = True) -> subprocess.Popen:
     """Start a host: `unshare` in new net/UTS/mount/PID namespaces, whose child (PID 1 there)
     sets the hostname, mounts a private /dev/shm and /tmp and the cluster's /etc/hosts, then
     sleeps.
@@ -47,7 +47,10 @@ def start_holder(hostname: str, hosts_file: Path, shm_bytes: int,
     as a cluster's home directories are, but for /tmp, which is each node's own, as on a
     cluster (and must be: MPI runtimes keep per-host rendezvous files there, named by host
     and PID, and the PIDs of a new host start again at 1). die_with_parent: the host dies with this process
-    (unshare --kill-child passes it on). Returns the unshare process (its child is the init)."""
+    (unshare --kill-child passes it on). own_proc: /proc shows the host's own processes, as
+    on a real host (a rank's getppid() is found there); the login node keeps the machine's,
+    since the agent it starts finds every host's PID 1 there. Returns the unshare process
+    (its child is the init)."""
     setup = (f"hostname {shlex.quote(hostname)} && "
              f"mount -t tmpfs -o mode=1777,size={shm_bytes} ringsync-shm /dev/shm && "
              f"mount -t tmpfs -o mode=1777 ringsync-tmp /tmp && "
@@ -58,7 +61,7 @@ def start_holder(hostname: str, hosts_file: Path, shm_bytes: int,
     mortal = ["setpriv", "--pdeathsig", "KILL"] if die_with_parent else []
     holder = subprocess.Popen(
         [*mortal, "unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--kill-child",
-         "--propagation", "private", "sh", "-c", setup],
+         "--propagation", "private", *(["--mount-proc"] if own_proc else []), "sh", "-c", setup],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)          # a Ctrl-C meant for the tool reaches it through us
     line = holder.stdout.readline() if holder.stdout else ""
@@ -131,11 +134,12 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
-def pid_namespace_inode(pid: int) -> int | None:
+def namespace_inode(pid: int, kind: str) -> int:
+    """The inode of process pid's namespace of this kind ("net", "pid"), or 0 if it is gone."""
     try:
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
     except OSError:
-        return None
+        return 0
 
 
 # --- links: a bridge in its own namespace, a veth per host ----------------------------------

@@ -31,6 +31,7 @@ import numpy as np
 import ringsync as rs
 
 from .. import cli, timing
+from ..cli import float_at_least, int_at_least
 from ..files import atomic_write_text
 from ..timing.straggler import merge_report
 from ..transport import gpu
@@ -63,32 +64,6 @@ STALE_MOMENTUM = 0.5
 def fail(message: str) -> NoReturn:
     """Print `ringsync-train: error: message` on rank 0 and exit 2 on every rank."""
     cli.fail(PROG, message)
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= low (benchmarks use it too)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
-def float_at_least(low: float) -> Callable[[str], float]:
-    """An argparse type: a finite number >= low."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not (np.isfinite(value) and value >= low):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
-        return value
-    return parse
 
 
 def _widths(text: str) -> list[int]:
