@@ -147,11 +147,16 @@ def draw(ax, configs: list[dict]) -> None:
             ax.plot([r["size"] for r in rows], [r["busbw_GBps"] for r in rows], style, marker="o",
                     markersize=3, label=f"{impl} {c['hosts']}x{c['ranks_per_host']} "
                     f"{'%gG' % (c['rate_bps'] / 1e9) if c['rate_bps'] else 'unshaped'}")
-    for rate in sorted({c["rate_bps"] for c in configs if c["rate_bps"]}):
-        # busbw at the floor: a ring's busbw is what each link carries per second
-        ax.axhline(rate / 8 / 1e9, color="grey", linewidth=0.8)
-        ax.text(configs[0]["rows"][0]["size"], rate / 8 / 1e9 * 1.03, f"link {rate / 1e9:g} Gbit/s",
-                fontsize=7, color="grey")
+    for c in configs:
+        if not c["rate_bps"] or c["hosts"] < 2:
+            continue
+        # The busbw of an all-reduce that runs at the links' floor: algbw = rate/8 divided by
+        # the 2(h-1)/h share each link carries, times busbw's 2(p-1)/p for p ranks.
+        h, p = c["hosts"], c["hosts"] * c["ranks_per_host"]
+        limit = c["rate_bps"] / 8 / 1e9 * h / (2 * (h - 1)) * bl.busbw_factor(p)
+        ax.axhline(limit, color="grey", linewidth=0.8)
+        ax.text(c["rows"][0]["size"], limit * 1.03, f"link limit, {h}x{c['ranks_per_host']} at "
+                f"{c['rate_bps'] / 1e9:g} Gbit/s", fontsize=7, color="grey")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("bytes per all-reduce")
