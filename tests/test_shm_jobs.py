@@ -118,19 +118,21 @@ SINGLETON = """
 import sys
 import ringsync as rs
 from mpi4py import MPI
-rs.init()
-files = {f[5].strip() for f in (line.split(None, 5) for line in open("/proc/self/maps"))
-         if len(f) == 6 and f[5].startswith("/dev/shm/") and "(deleted)" not in f[5]}
-sys.stdout.write("".join(f"file {f}\\n" for f in sorted(files)))
-sys.stdout.write(f"library {MPI.Get_library_version().split()[0:2]}\\n")
+{start}
+files = {{f[5].strip() for f in (line.split(None, 5) for line in open("/proc/self/maps"))
+         if len(f) == 6 and f[5].startswith("/dev/shm/") and "(deleted)" not in f[5]}}
+sys.stdout.write("".join(f"file {{f}}\\n" for f in sorted(files)))
+sys.stdout.write(f"library {{MPI.Get_library_version().split()[0:2]}}\\n")
 """
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
-def test_a_script_run_without_a_launcher_leaves_no_mpi_file():
+@pytest.mark.parametrize("start", ["rs.init()", "pass", "MPI.Finalize()"])
+def test_a_script_run_without_a_launcher_leaves_no_mpi_file(start):
     """Open MPI 5 started as a singleton (`python script.py`, no mpirun) leaves its sm_segment
-    file in /dev/shm at every exit; ringsync removes the names of a one-process job's files."""
-    done = subprocess.run([sys.executable, "-c", SINGLETON], check=False, cwd=ROOT,
+    file in /dev/shm at every exit; ringsync removes the names of a one-process job's files,
+    also where the script starts MPI itself (mpi4py) and where it has finalized it."""
+    done = subprocess.run([sys.executable, "-c", SINGLETON.format(start=start)], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     files = re.findall(r"^file (\S+)$", done.stdout, re.MULTILINE)
