@@ -37,9 +37,9 @@ OPENMPI_PINS = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "tcp,self,sm",
                 # Above this, ob1 sends a TCP message by rendezvous: a round trip to the
                 # receiver before the bytes. ringsync's hierarchical all-reduce moves a node's
                 # slot (RINGSYNC_SHM_SLOT_BYTES, 1 MiB) per exchange; at the default 64 KiB each
-                # waited for the peer to be scheduled on the shared cores, and a 16 MB all-reduce
-                # on 2x2 hosts at 1 Gbit/s took 200 ms (0.67 of the link) instead of 145 ms
-                # (MPI's own: 141 ms, the same either way). docs/cluster.md.
+                # waited for the peer to be scheduled on the shared cores: 0.67 of a 1 Gbit/s
+                # link instead of 0.92 (MPI's own Allreduce the same either way). Measured in
+                # benchmarks/results/cluster/2026-12-07_openmpi_eager_limit.txt; docs/cluster.md.
                 "OMPI_MCA_btl_tcp_eager_limit": str(1 << 20)}
 MPIS = ("mpich", "openmpi")
 
