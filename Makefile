@@ -112,7 +112,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[plot]'
 	touch $@
 
-.PHONY: bench-one bench-trainer cluster-bench
+.PHONY: bench-one bench-trainer cluster-bench model
 
 bench: $(VENV)/.bench
 	@set -e; for m in $(BENCH_MPIS); do \
@@ -195,6 +195,27 @@ CLUSTER_OUT      ?= benchmarks/results/cluster/$(shell date +%F)_$(call bench_na
 cluster-bench: $(VENV)/.bench
 	$(PY) benchmarks/cluster_bench.py --shapes $(CLUSTER_SHAPES) --rates $(CLUSTER_RATES) \
 	  --calls $(CLUSTER_CALLS) --launches $(CLUSTER_LAUNCHES) --out $(CLUSTER_OUT)
+
+# The cost model (docs/scaling.md), regenerated from committed measurements in about a
+# minute: the fit (2 hosts x 1 rank and one host), its check on shapes it did not see, the
+# predictions at scale, the straggler at scale and the Horovod comparison, into MODEL_OUT/.
+MODEL_OUT ?= benchmarks/results/model
+MODEL_FIT ?= $(MODEL_OUT)/2026-12-07_mpich_fit_2x1.json benchmarks/results/mpich/allreduce.json benchmarks/results/mpich/latency.json
+MODEL_CHECK ?= $(MODEL_OUT)/2026-12-07_mpich_check_2x2_3x2.json benchmarks/results/cluster/2026-12-07_mpich_2x2_1gbit.json
+model: $(VENV)/.bench
+	$(VENV)/bin/ringsync-model fit $(MODEL_FIT) --out $(MODEL_OUT)/calibration_mpich.json > $(MODEL_OUT)/fit_mpich.txt
+	$(VENV)/bin/ringsync-model fit $(MODEL_FIT) --rate 1gbit --out $(MODEL_OUT)/calibration_mpich_1gbit.json > /dev/null
+	$(VENV)/bin/ringsync-model check --calibration $(MODEL_OUT)/calibration_mpich.json $(MODEL_CHECK) \
+	  benchmarks/results/mpich/allreduce.json > $(MODEL_OUT)/check_mpich.txt
+	$(VENV)/bin/ringsync-model predict --calibration $(MODEL_OUT)/calibration_mpich.json --rate 10gbit \
+	  --ranks-per-host 8 --sizes 4K,64K,1M,16M,64M,256M --p 8,64,512,4096 --out $(MODEL_OUT)/predict_8perhost_10gbit > /dev/null
+	$(VENV)/bin/ringsync-model predict --calibration $(MODEL_OUT)/calibration_mpich.json --rate 1gbit \
+	  --ranks-per-host 2 --sizes 4K,64K,1M,16M,64M --p 4,6,16,128 --out $(MODEL_OUT)/predict_2perhost_1gbit > /dev/null
+	$(VENV)/bin/ringsync-model train --p 2,16,128,1024,4096 --grad-bytes 0 --out $(MODEL_OUT)/train_waiting > /dev/null
+	$(VENV)/bin/ringsync-model train --p 2,16,128,1024,4096 --calibration $(MODEL_OUT)/calibration_mpich.json \
+	  --rate 10gbit --out $(MODEL_OUT)/train_25M_10gbit > /dev/null
+	$(PY) benchmarks/model_horovod.py --out $(MODEL_OUT)/horovod > /dev/null
+	@tail -n 3 $(MODEL_OUT)/check_mpich.txt
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ringsync tests benchmarks examples

@@ -24,5 +24,6 @@ setup(
         "ringsync-train = ringsync.training.train:main",
         "ringsync-report = ringsync.timing.report:main",
         "ringsync-cluster = ringsync.cluster.cli:main",
+        "ringsync-model = ringsync.model.cli:main",
     ]},
 )

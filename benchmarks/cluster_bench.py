@@ -14,7 +14,9 @@ per size. Then link_bytes.py counts the bytes of one call on each host link. It 
   floor      the link's limit: 2(h-1)/h x n bytes over each host link at rate/8 bytes/s
   of_link    floor / time: the fraction of the link reached (meaningful where the link, not
              the CPU, is the limit: at 1 Gbit/s here)
-  vs_mpi     ringsync's time / MPI's, the median of the launches' ratios (calls interleaved)
+  vs_mpi     ringsync's time / MPI's, the median of the launches' ratios (calls interleaved);
+             for "ringsync (model)" (--model), marked *: its time / ringsync's with the
+             thresholds, in the launch just before, the median of those ratios
 
 and writes <out>.json, <out>.txt and <out>.png (busbw against size, one line per
 implementation and shape, the link rate drawn in). The MPI is this Python's (its venv's wheel).
@@ -33,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import benchlib as bl
 
+from ringsync import cli as ringsync_cli
 from ringsync.cluster import Cluster, ClusterError, ClusterSpec, launch
-from ringsync.cluster import cli as cluster_cli
 from ringsync.cluster import hosts as cluster_hosts
 
 IMPL_NAMES = {"ringsync": "ringsync", "teaching": "flat ring (p2p)", "mpi": "mpi"}
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--launches", type=bl.positive_int, default=3, help="launches per shape and rate (3)")
     ap.add_argument("--calls", type=bl.positive_int, default=20, help="timed calls per size and implementation per launch (20)")
     ap.add_argument("--out", required=True, help="path prefix of the .json, .txt and .png")
+    ap.add_argument("--model", help="a calibration file (ringsync-model fit): also ringsync with "
+                    "RINGSYNC_MODEL set, in launches of its own between the others")
     args = ap.parse_args(argv)
     try:
         args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -58,24 +62,30 @@ def parse_args(argv: list[str] | None = None):
     except ValueError:
         bl.fail(f"cluster_bench.py: error: --shapes: not a list of HOSTSxRANKS: {args.shapes!r}")
     try:
-        args.rates = [cluster_cli.parse_rate(r) for r in args.rates.split(",")]
+        args.rates = [ringsync_cli.parse_rate(r) for r in args.rates.split(",")]
     except argparse.ArgumentTypeError as exc:
         bl.fail(f"cluster_bench.py: error: --rates: {exc}")
     bl.check_plot_possible(args.out + ".png")
     return args
 
 
-def sweep(cluster: Cluster, args, folder: Path, tag: str) -> dict:
-    """One launch of allreduce_sweep.py across the cluster; its JSON document."""
+def sweep(cluster: Cluster, args, folder: Path, tag: str, model: str | None = None) -> dict:
+    """One launch of allreduce_sweep.py across the cluster; its JSON document. With `model`
+    (a calibration file): ringsync's algorithms picked by the model (RINGSYNC_MODEL), kept
+    alone, as "ringsync (model)"."""
     out = folder / f"{tag}.json"
     argv = [str(HERE / "allreduce_sweep.py"), "-b", str(args.minbytes), "-e", str(args.maxbytes),
             "-f", str(args.stepfactor), "-n", "1", "-r", str(args.calls), "-w", "2", "-c", "1",
             "--impls", "ringsync,teaching,mpi", "--json", str(out)]
-    done = launch.run(cluster, [sys.executable, *argv], timeout=1800)
+    env = {"RINGSYNC_MODEL": model} if model else None
+    done = launch.run(cluster, [sys.executable, *argv], env=env, timeout=1800)
     if done.returncode != 0:
         raise ClusterError(f"allreduce_sweep.py across {tag} failed ({done.returncode}): "
                            f"{done.stderr.strip()[-500:]}")
-    return json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    if model:       # (the same three calls interleaved as in the others; only ringsync's kept)
+        doc["results"] = [dict(r, impl="ringsync (model)") for r in doc["results"] if r["impl"] == "ringsync"]
+    return doc
 
 
 def link_bytes(cluster: Cluster, args, folder: Path, tag: str) -> list[dict]:
@@ -101,9 +111,10 @@ def summarize(launches: list[dict], hosts: int, rate: int | None) -> list[dict]:
         calls = [t for r in found for t in r["rounds_us"]]
         medians = [statistics.median(r["rounds_us"]) for r in found]
         t = statistics.median(calls) * 1e-6
-        mpi = by_key.get((size, "mpi"), [])
+        # vs MPI in the same launch; the model's choice vs the thresholds' in the launch before
+        peer = "ringsync" if impl == "ringsync (model)" else "mpi"
         ratios = [statistics.median(r["rounds_us"]) / statistics.median(m["rounds_us"])
-                  for r, m in zip(found, mpi)]
+                  for r, m in zip(found, by_key.get((size, peer), []))]
         floor = 2 * (hosts - 1) / hosts * size / (rate / 8) if rate and hosts > 1 else None
         p = found[0]["ranks"]
         rows.append({"size": size, "impl": IMPL_NAMES.get(impl, impl), "calls": len(calls),
@@ -113,7 +124,8 @@ def summarize(launches: list[dict], hosts: int, rate: int | None) -> list[dict]:
                      "algbw_GBps": size / t / 1e9, "busbw_GBps": size / t / 1e9 * bl.busbw_factor(p),
                      "floor_us": floor * 1e6 if floor else None,
                      "of_link": floor / t if floor else None,
-                     "vs_mpi": statistics.median(ratios) if impl != "mpi" and ratios else None})
+                     "vs_mpi": statistics.median(ratios) if peer == "mpi" and impl != "mpi" and ratios else None,
+                     "vs_thresholds": statistics.median(ratios) if peer == "ringsync" and ratios else None})
     return rows
 
 
@@ -127,7 +139,8 @@ def table(config: dict) -> str:
     for r in config["rows"]:
         floor = f"{r['floor_us']:>10.0f}" if r["floor_us"] else f"{'-':>10}"
         of = f"{r['of_link']:>7.3f}" if r["of_link"] else f"{'-':>7}"
-        vs = f"{r['vs_mpi']:>6.3f}" if r["vs_mpi"] else f"{'-':>6}"
+        vs = f"{r['vs_mpi']:>6.3f}" if r["vs_mpi"] else \
+            f"{r['vs_thresholds']:>6.3f}*" if r.get("vs_thresholds") else f"{'-':>6}"
         spread = f"{r['spread_us'][0]:.0f}..{r['spread_us'][1]:.0f}"
         lines.append(f"  {r['size']:>10} {r['impl']:>16} {r['time_us']:>10.0f} {spread:>26} "
                      f"{r['algbw_GBps']:>7.3f} {r['busbw_GBps']:>7.3f} {floor} {of} {vs}")
@@ -140,7 +153,7 @@ def table(config: dict) -> str:
 
 
 def draw(ax, configs: list[dict]) -> None:
-    styles = {"ringsync": "-", "flat ring (p2p)": ":", "mpi": "--"}
+    styles = {"ringsync": "-", "ringsync (model)": "-.", "flat ring (p2p)": ":", "mpi": "--"}
     for c in configs:
         for impl, style in styles.items():
             rows = [r for r in c["rows"] if r["impl"] == impl]
@@ -193,7 +206,11 @@ def measure(args, mpi: str, folder: Path) -> list[dict]:
         for hosts, per_host in args.shapes:
             with Cluster.up(ClusterSpec([per_host] * hosts, rate_bps=rate)) as cluster:
                 tag = f"{hosts}x{per_host}-{rate or 'unshaped'}"
-                launches = [sweep(cluster, args, folder, f"{tag}-{i}") for i in range(args.launches)]
+                launches = []
+                for i in range(args.launches):      # (with a model: its launches interleaved)
+                    launches.append(sweep(cluster, args, folder, f"{tag}-{i}"))
+                    if args.model:
+                        launches.append(sweep(cluster, args, folder, f"{tag}-{i}-model", args.model))
                 config = {"mpi": mpi, "hosts": hosts, "ranks_per_host": per_host, "rate_bps": rate,
                           "burst_bytes": cluster.spec.burst_bytes, "latency_ms": cluster.spec.latency_ms,
                           "mtu": cluster.spec.mtu, "machine": launches[0]["meta"]["machine"],

@@ -50,6 +50,7 @@ from mpi4py import MPI
 
 from . import ops
 from .algorithms.ring import ring_allgather_
+from .choice import MAX_PAYLOAD_BYTES
 from .config import Settings
 from .transport.shm import NodeSegment
 
@@ -117,7 +118,6 @@ RECORD = np.dtype([("kind", "<i8"), ("op", "<i8"), ("dtype", "<i8"), ("root", "<
 TRAILER = struct.Struct("<qqqq")
 TRAILER_BYTES = TRAILER.size
 OPENING_TAG = 1       # every opening message; the algorithms' own travel on tag 0
-MAX_PAYLOAD_BYTES = 256 * 1024
 _BYTE = MPI.BYTE
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -62,3 +63,16 @@ def float_at_least(low: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
         return value
     return parse
+
+
+RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+
+
+def parse_rate(text: str) -> int | None:
+    """'1gbit' -> 10**9 bits/s (tc's units, powers of ten); 'none' or 'unshaped' -> None."""
+    if text.lower() in ("none", "unshaped"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?bit)", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 100mbit, 1gbit, 10gbit, none)")
+    return int(float(m.group(1)) * RATE_UNITS[m.group(2)])

@@ -4,7 +4,7 @@ Every call goes down the same four stages, each once:
 
     check   the arguments (a rank that refuses its own makes the others fail too)
     agree   arm the cross-rank agreement check and run its opening (agreement.py)
-    plan    pick the algorithm for this size (choose) and its scratch buffers
+    plan    pick the algorithm for this size (choice.py) and its scratch buffers
     run     the algorithm (algorithms/), over point-to-point messages (transport/)
 
 A small all-reduce rides on the opening itself (algorithms/gathered.py). CuPy arrays take
@@ -49,7 +49,7 @@ from .algorithms.shared import (
 )
 from .algorithms.staged import staged_allgather_, staged_allreduce_, staged_broadcast_
 from .algorithms.tree import dissemination_barrier, tree_broadcast_
-from .config import Settings
+from .choice import choose, host_choice
 from .context import is_initialized, world
 from .transport import gpu
 from .transport.memcopy import CHECKED_BYTES, copy_
@@ -155,27 +155,6 @@ def front_door(collective: str) -> Callable[[_F], _F]:
 
 # --- all-reduce: one dispatcher, check -> agree -> plan -> run ---------------------------------
 
-def choose(nbytes: int, p: int, settings: Settings, shared: bool = False, small: int | None = None) -> str:
-    """The algorithm for an all-reduce of `nbytes` bytes on p ranks: 'doubling', 'shared',
-    'pipelined' or 'ring'.
-
-    Small buffers: few messages (with the agreement check on, the gathered reduce riding on
-    its opening; else recursive doubling); `small` bytes at most (default RINGSYNC_SMALL_BYTES;
-    the World's, which is larger on one node in shared memory: config.small_limit). With
-    shared memory within the node (`shared`), the rest goes through it (algorithms/shared.py).
-    Otherwise the ring (least traffic), pipelined only when a chunk spans several segments:
-    below that, segments add messages and save nothing, as a one-segment chunk fits in the
-    cache anyway.
-    """
-    if settings.allreduce != "auto":
-        return settings.allreduce
-    if nbytes <= (settings.small_bytes if small is None else small):
-        return "doubling"
-    if shared:
-        return "shared"
-    return "pipelined" if nbytes > p * settings.segment_bytes else "ring"
-
-
 def allreduce_flat_(flat: np.ndarray, op: str, guard: Checker | None, contributors: int,
                     peers: list[np.ndarray] | None = None) -> None:
     """All-reduce the contiguous 1-D buffer `flat` in place; an average divides by `contributors`.
@@ -236,7 +215,8 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
             guard.agree()
             return not guard.bad
         return True
-    algorithm = host_algorithm(flat.nbytes, checked=guard is not None)
+    # (a fusion bucket of separate arrays was routed through shared memory: unpacked_fusion)
+    algorithm = "shared" if type(flat) is Scattered else host_algorithm(flat.nbytes, checked=guard is not None)
     if algorithm == "ride":
         return _ride_on_opening(flat, guard, ops.OPS[op], prescale, w.rank)
     if guard is not None:
@@ -263,15 +243,19 @@ def _attempt(flat: np.ndarray, op: str, guard: Checker | None, contributors: int
 
 def host_algorithm(nbytes: int, checked: bool) -> str:
     """How a host all-reduce of `nbytes` (> 0, on more than one rank) runs on this World:
-    "ride" (on the agreement check's opening, `checked` calls only: gathered.py), "shared"
-    (the node's shared memory: shared.py, hierarchical across nodes), "doubling",
-    "pipelined" or "ring". One place for _attempt and summation_order."""
+    the cost model's pick with RINGSYNC_MODEL (model/tuner.py), else choice.host_choice's
+    thresholds, with the World's values. One place for _attempt and summation_order."""
     w = world()
-    # (choose() would say "doubling" for a riding size: payload_limit <= the small limit)
-    if checked and nbytes <= w.checker.payload_limit and w.settings.allreduce == "auto":
-        return "ride"
-    algorithm = choose(nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
-    return "shared" if algorithm == "doubling" and w.single_node else algorithm
+    if w.tuner is None:
+        # (choice.host_choice, its first test inline: the hot path's small calls pay no call)
+        if checked and nbytes <= w.checker.payload_limit and w.settings.allreduce == "auto":
+            return "ride"
+        algorithm = choose(nbytes, w.size, w.settings, w.node is not None, w.small_bytes)
+        return "shared" if algorithm == "doubling" and w.single_node else algorithm
+    if w.settings.allreduce == "auto":
+        return w.tuner.choose(nbytes, checked)      # RINGSYNC_MODEL: the fastest predicted
+    return host_choice(nbytes, w.size, w.settings, checked=checked, payload_limit=w.checker.payload_limit,
+                       node=w.node is not None, single_node=w.single_node, small=w.small_bytes)
 
 
 def summation_order(n: int, dtype: np.dtype) -> list[tuple[int, int, tuple[int, ...]]] | None:
@@ -400,8 +384,11 @@ def unpacked_fusion(nbytes: int, dtype: np.dtype, op: str) -> bool:
     memory, whose copies in and out take the arrays directly. Not for buffers that ride on
     the opening (small), nor for integer averages (computed in parts: _integer_average)."""
     w = world()
-    return (w.node is not None and nbytes > w.small_bytes and w.settings.allreduce in ("auto", "shared")
-            and not (op == ops.Average and dtype.kind in "iu"))
+    if (op == ops.Average and dtype.kind in "iu") or w.node is None or nbytes <= w.small_bytes:
+        return False
+    if w.tuner is not None and w.settings.allreduce == "auto":
+        return w.tuner.choose(nbytes, w.checker.enabled) == "shared"
+    return w.settings.allreduce in ("auto", "shared")
 
 
 def reduce_(flat: np.ndarray | Scattered, op: str, shape: tuple, name: str | None = None, *,

@@ -6,6 +6,7 @@ naming the variable, rather than being silently ignored.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, fields
 
@@ -100,6 +101,7 @@ class Settings:
     node_size: int = 0                         # RINGSYNC_NODE_SIZE: simulated nodes of k ranks (0: real)
     shm_slot_bytes: int = 1 << 20              # RINGSYNC_SHM_SLOT_BYTES: a rank's shared slot
     shm_small_bytes: int = 1 << 18             # RINGSYNC_SHM_SMALL_BYTES: gathered bytes per rank
+    model: str = ""                            # RINGSYNC_MODEL: a calibration file's content hash ("": none)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -119,6 +121,7 @@ class Settings:
             node_size=env_int("RINGSYNC_NODE_SIZE", 0),
             shm_slot_bytes=env_int("RINGSYNC_SHM_SLOT_BYTES", 1 << 20, minimum=64),
             shm_small_bytes=env_int("RINGSYNC_SHM_SMALL_BYTES", 1 << 18),
+            model=content_hash(env_str("RINGSYNC_MODEL", "")),
         )
 
     def small_limit(self, p: int, shared_node: bool, slot_bytes: int = 0) -> int:
@@ -137,6 +140,18 @@ class Settings:
     def variables(self) -> dict[str, str]:
         """{RINGSYNC_* name: value as text}, in the dataclass's field order."""
         return {f"RINGSYNC_{f.name.upper()}": str(getattr(self, f.name)).lower() for f in fields(self)}
+
+
+def content_hash(path: str) -> str:
+    """The hash of a file's content ("" for no file): RINGSYNC_MODEL's file is compared across
+    ranks by what it says, not by where it lies."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    except OSError as exc:
+        raise ValueError(f"RINGSYNC_MODEL: cannot read the calibration file {path!r}: {exc.strerror}") from None
 
 
 def differing_settings(texts: list[bytes]) -> str | None:

@@ -28,6 +28,7 @@ from .config import Settings
 
 if TYPE_CHECKING:
     from .agreement import Checker
+    from .model.tuner import Tuner
     from .stall import Inspector
     from .transport.shm import NodeSegment, SharedWindow
 
@@ -53,6 +54,10 @@ class World:
         self.riding_bytes = -1
         self.checker: Checker | None = None
         self.inspector: Inspector | None = None
+        # RINGSYNC_MODEL: the cost model that picks each all-reduce's algorithm (model/tuner.py),
+        # pricing this World's hosts (`node_sizes`: ranks per node, in rank order); else None.
+        self.tuner: Tuner | None = None
+        self.node_sizes: tuple[int, ...] = ()
         self._scratch: dict[np.dtype, np.ndarray] = {}
         self._views: dict[np.dtype, np.ndarray] = {}
         # Inside a timed step, timing's wrapper for an all-reduce (timing/); else None.

@@ -48,7 +48,19 @@ def init(comm: MPI.Comm | None = None) -> None:
     w.small_bytes = w.settings.small_limit(w.size, w.single_node, w.node.slot_bytes if w.node else 0)
     w.checker = Checker(w.comm, w.settings, segment=w.node if w.single_node else None,
                         small_bytes=w.small_bytes)
-    if w.size > 1 and w.settings.allreduce == "auto":
+    if w.settings.model:
+        try:
+            w.tuner, problem = tuner_of(w), b""
+        except ValueError as exc:
+            problem = str(exc).encode()
+        # A file that is no use on one rank (changed, gone) must fail init() on every rank.
+        problems = [(q, t.decode()) for q, t in enumerate(gather_texts(w.comm, problem)) if t]
+        if problems:
+            w.free()
+            raise ValueError("; ".join(f"rank {q}: {why}" for q, why in problems))
+        if w.size > 1 and w.settings.allreduce == "auto" and w.checker.enabled:
+            w.riding_bytes = w.tuner.riding_limit()     # (what the model rides, straight on)
+    elif w.size > 1 and w.settings.allreduce == "auto":
         w.riding_bytes = w.checker.payload_limit
     w.inspector = stall.start(w)
     context.set_world(w)
@@ -70,7 +82,7 @@ def connect_nodes(w: context.World) -> None:
     owns, a communicator of that chunk's owners on every node (algorithms/shared.py).
     """
     settings = w.settings
-    if settings.transport == "p2p" or w.size == 1:
+    if w.size == 1 or (settings.transport == "p2p" and not settings.model):
         return
     node_comm = node_communicator(w.comm, settings.node_size)
     # Every rank's node (named by its lowest rank) and that node's size, shared by all.
@@ -80,8 +92,9 @@ def connect_nodes(w: context.World) -> None:
     ring_allgather_(list(rows), w.comm, owned=w.rank)
     leaders = sorted(set(rows[:, 0].tolist()))
     chunks = int(rows[:, 1].max())
-    if settings.transport == "auto" and chunks == 1:    # nobody shares a node: nothing to gain
-        node_comm.Free()
+    w.node_sizes = tuple(int(rows[rows[:, 0] == q][0, 1]) for q in leaders)     # (for the tuner)
+    if settings.transport == "p2p" or (settings.transport == "auto" and chunks == 1):
+        node_comm.Free()            # p2p, or nobody shares a node: nothing to gain
         return
     w.node = NodeSegment(node_comm, settings.shm_slot_bytes)
     w.single_node = len(leaders) == 1
@@ -93,6 +106,31 @@ def connect_nodes(w: context.World) -> None:
             ring = w.comm.Split(c if owner else MPI.UNDEFINED, me)
             if owner:
                 w.rings.append((c, ring))
+
+
+def tuner_of(w: context.World):
+    """The cost model that picks each all-reduce's algorithm (model/tuner.py), from the
+    calibration file RINGSYNC_MODEL names (its content's hash is among the compared settings)."""
+    from .model.params import Calibration, Topology
+    from .model.tuner import Tuner
+    path = config.env_str("RINGSYNC_MODEL", "")
+    if config.content_hash(path) != w.settings.model:
+        raise ValueError(f"RINGSYNC_MODEL: {path!r} changed while ringsync started")
+    try:
+        calibration = Calibration.load(path)
+    except ValueError as exc:
+        raise ValueError(f"RINGSYNC_MODEL: {exc}") from None
+    return Tuner(calibration, Topology(w.node_sizes or (w.size,)), w.settings,
+                 shared=w.node is not None, payload_limit=w.checker.payload_limit)
+
+
+def gather_texts(comm: MPI.Comm, text: bytes) -> list[bytes]:
+    """Every rank's `text` (at most SETTINGS_BYTES), by ring.py's all-gather of fixed-size rows."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    rows = np.zeros((p, SETTINGS_BYTES), dtype=np.uint8)
+    rows[r, :len(text)] = np.frombuffer(text[:SETTINGS_BYTES], dtype=np.uint8)
+    ring_allgather_(list(rows), comm, owned=r)
+    return [bytes(row).rstrip(b"\0") for row in rows]
 
 
 def agreed_settings(comm: MPI.Comm) -> config.Settings:
@@ -107,11 +145,7 @@ def agreed_settings(comm: MPI.Comm) -> config.Settings:
         text = settings.encode()
     except ValueError as exc:
         settings, text = None, b"!" + str(exc).encode()
-    p, r = comm.Get_size(), comm.Get_rank()
-    rows = np.zeros((p, SETTINGS_BYTES), dtype=np.uint8)
-    rows[r, :len(text)] = np.frombuffer(text[:SETTINGS_BYTES], dtype=np.uint8)
-    ring_allgather_(list(rows), comm, owned=r)
-    texts = [bytes(row).rstrip(b"\0") for row in rows]
+    texts = gather_texts(comm, text)
     errors = [(q, t[1:].decode()) for q, t in enumerate(texts) if t.startswith(b"!")]
     if errors:
         raise ValueError("; ".join(f"rank {q}: {why}" for q, why in errors))

@@ -2,9 +2,9 @@
 
 Layers, top to bottom (a module may call into its own layer or any layer below it):
 
-    startup (init), training/, cluster/ (a tool)  ->  fusion  ->  timing/  ->  join, stall
+    startup (init), training/, cluster/ and model/ (tools)  ->  fusion  ->  timing/  ->  uneven, stall
       ->  collectives (the front doors)  ->  agreement  ->  algorithms/  ->  transport/
-      ->  context, config, ops, files, cli
+      ->  context, config, choice, ops, files, cli
 
 The import test reads the source (imports inside functions count; imports under
 `if TYPE_CHECKING:` do not, as they never run). The call-path test traces real all-reduces
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "ringsync"
 
 LAYERS = [
-    ("ringsync.startup", "ringsync.training", "ringsync.cluster"),
+    ("ringsync.startup", "ringsync.training", "ringsync.cluster", "ringsync.model"),
     ("ringsync.fusion",),
     ("ringsync.timing",),
     ("ringsync.uneven", "ringsync.stall"),
@@ -29,7 +29,7 @@ LAYERS = [
     ("ringsync.agreement",),
     ("ringsync.algorithms",),
     ("ringsync.transport",),
-    ("ringsync.context", "ringsync.config", "ringsync.ops", "ringsync.files", "ringsync.cli"),
+    ("ringsync.context", "ringsync.config", "ringsync.choice", "ringsync.ops", "ringsync.files", "ringsync.cli"),
 ]
 
 

@@ -20,7 +20,7 @@ from ringsync import ops
 from ringsync.algorithms.doubling import recursive_doubling_allreduce_
 from ringsync.algorithms.pipelined import pipelined_ring_allreduce_, ring_plan
 from ringsync.algorithms.ring import ring_allreduce_
-from ringsync.collectives import choose
+from ringsync.choice import choose
 from ringsync.config import Settings
 
 COMM = MPI.COMM_WORLD

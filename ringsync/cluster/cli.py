@@ -13,7 +13,6 @@ ends, fails, times out or is interrupted. Bad input exits 2 with one line.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 from types import FrameType
@@ -24,19 +23,6 @@ from .hosts import Cluster, ClusterSpec
 from .netns import ClusterError
 
 PROG = "ringsync-cluster"
-UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-
-
-def parse_rate(text: str) -> int | None:
-    """'1gbit' -> 10**9 bits/s (tc's units, powers of ten); 'none' or 'unshaped' -> None."""
-    if text.lower() in ("none", "unshaped"):
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?bit)", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 100mbit, 1gbit, 10gbit, none)")
-    return int(float(m.group(1)) * UNITS[m.group(2)])
-
-
 def parse_slots(text: str) -> list[int]:
     try:
         slots = [int(s) for s in text.split(",")]
@@ -52,7 +38,7 @@ def shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks-per-host", type=int, default=1, help="MPI slots per host (default 1)")
     p.add_argument("--slots", type=parse_slots, help="ranks per host, uneven: 2,2,1 (instead "
                    "of --hosts and --ranks-per-host)")
-    p.add_argument("--rate", type=parse_rate, default=None, help="each host link's rate, both "
+    p.add_argument("--rate", type=cli.parse_rate, default=None, help="each host link's rate, both "
                    "directions: 100mbit, 1gbit, 10gbit, or none (default: unshaped)")
     p.add_argument("--mtu", type=int, default=1500, help="the links' MTU (default 1500)")
     p.add_argument("--hosts-file", help="also write a hostfile (host:slots per line) here")
