@@ -146,6 +146,9 @@ bench-one: $(VENV)/.bench
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/handoff.py \
 	  -b 4K -e 1M -f 4 -r 7 --json $(BENCH_DIR)/handoff.json > $(BENCH_DIR)/handoff.txt; \
 	  s=$$?; cat $(BENCH_DIR)/handoff.txt; exit $$s
+	# Gradient compression: synchronize() per compressor (none, fp16, bf16, powersgd:1/4), and the compression alone
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/compression.py \
+	  -b 1M -e 64M -f 4 --rounds 5 --out $(BENCH_DIR)/compression
 	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
 	# no train_step.json is left from an earlier run.
 	@rm -f $(BENCH_DIR)/train_step.json $(BENCH_DIR)/train_step.csv

@@ -42,6 +42,7 @@ _API = {
     ".fusion": ("FlatBuffer", "grouped_allreduce", "grouped_allreduce_"),
     # Training
     ".training.optim": ("SGD", "DistributedOptimizer", "broadcast_parameters"),
+    ".training.compression": ("Compression", "PowerSGD"),
     # GPU buffers
     ".transport.gpu": ("GPUUnavailable", "array_module", "use_gpu"),
 }
@@ -90,7 +91,7 @@ __all__ = [
     # tensor fusion
     "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
     # training
-    "SGD", "DistributedOptimizer", "broadcast_parameters",
+    "SGD", "DistributedOptimizer", "broadcast_parameters", "Compression", "PowerSGD",
     # GPU buffers
     "use_gpu", "array_module", "GPUUnavailable",
     # timing

@@ -70,7 +70,7 @@ ALLREDUCE, BROADCAST, ALLGATHER, BARRIER, JOIN, REFUSED = Kind
 KIND_NAMES = {ALLREDUCE: "allreduce", BROADCAST: "broadcast", ALLGATHER: "allgather",
               BARRIER: "barrier", JOIN: "join", REFUSED: "(refused its arguments)"}
 OP_CODES = {name: i for i, name in enumerate(sorted(ops.OPS), start=1)}
-DTYPE_CODES = {dtype: i for i, dtype in enumerate(ops.SUPPORTED_DTYPES, start=1)}
+# dtype codes: ops.DTYPE_NAMES, a fixed table (a rank without ml_dtypes still names bfloat16)
 
 
 class Flag(IntFlag):
@@ -126,7 +126,7 @@ def make_record(call: Call, number: int = 0, flags: int = 0) -> np.ndarray:
     row = np.zeros((), dtype=RECORD)
     shape = tuple(int(d) for d in call.shape)
     row["kind"], row["op"] = int(call.kind), OP_CODES.get(call.op, 0)
-    row["dtype"] = DTYPE_CODES.get(call.dtype, 0) if call.dtype is not None else 0
+    row["dtype"] = ops.dtype_code(call.dtype)
     row["root"], row["group"], row["layout"] = call.root, call.group, call.layout
     row["place"] = call.place
     row["call"], row["flags"] = number, flags
@@ -404,7 +404,7 @@ def _differences(table: np.ndarray, ranks: list[int]) -> list[str]:
         fields += [
             ("call number (call order)", lambda row: f"#{row['call']}"),
             ("op", lambda row: _op_name(row["op"])),
-            ("dtype", lambda row: _dtype_name(row["dtype"])),
+            ("dtype", lambda row: ops.dtype_name(int(row["dtype"]))),
             ("trailing shape" if table[ranks[0]]["kind"] == ALLGATHER else "shape", _shape_text),
             ("root", lambda row: str(row["root"])),
             ("tensor count", lambda row: str(row["group"])),
@@ -443,10 +443,6 @@ def _op_name(code: int) -> str:
     return next((name for name, c in OP_CODES.items() if c == code), "-")
 
 
-def _dtype_name(code: int) -> str:
-    return ops.SUPPORTED_DTYPES[code - 1].name if code > 0 else "-"
-
-
 def _shape_text(row: np.ndarray) -> str:
     ndim = int(row["ndim"])
     dims = [str(d) for d in row["dims"][:min(ndim, MAX_DIMS)]]
@@ -478,8 +474,7 @@ class RecordedCall(NamedTuple):
 
 
 def record_call(row: np.ndarray) -> RecordedCall:
-    """(kind, op name, dtype, root, element count) of a record."""
-    code = int(row["dtype"])
-    return RecordedCall(int(row["kind"]), _op_name(int(row["op"])),
-                        ops.SUPPORTED_DTYPES[code - 1] if code > 0 else None, int(row["root"]),
-                        int(row["count"]))
+    """(kind, op name, dtype, root, element count) of a record (bfloat16: ImportError
+    without ml_dtypes, as this rank cannot then take part in the call)."""
+    return RecordedCall(int(row["kind"]), _op_name(int(row["op"])), ops.dtype_of(int(row["dtype"])),
+                        int(row["root"]), int(row["count"]))

@@ -291,7 +291,7 @@ def shared_peers(flat: np.ndarray, op: str) -> tuple[list[np.ndarray], int] | No
     w = world()
     if type(flat) is not np.ndarray or not (w.windows and w.single_node) or flat.nbytes <= w.small_bytes:
         return None
-    if op == ops.Average and flat.dtype.kind != "f":
+    if op == ops.Average and flat.dtype.kind != "f" and not ops.is_float(flat.dtype):
         return None
     return peers_of(w.windows, flat)
 
@@ -364,7 +364,7 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
         place = DEVICE          # host and device buffers take different paths: never mixed
     guard = w.checker.arm(ALLREDUCE, op, flat.dtype, shape, group=group, layout=layout,
                           place=place, name=name)
-    if w.checker.finite and flat.dtype.kind == "f" and not _all_finite(flat):
+    if w.checker.finite and (flat.dtype.kind == "f" or ops.is_float(flat.dtype)) and not _all_finite(flat):
         if guard is None:   # a single rank
             raise FloatingPointError(f"allreduce{f' {name!r}' if name else ''}: NaN or "
                                      f"Inf in the input on rank {w.rank}")
@@ -650,7 +650,7 @@ _LAYOUT_INTS = 3 + _MAX_NDIM
 def _layout_row(arr: np.ndarray) -> np.ndarray:
     """(first dim, dtype, ndim, trailing dims...) as _LAYOUT_INTS int64s: what ranks compare."""
     row = np.zeros(_LAYOUT_INTS, dtype=np.int64)
-    row[:3 + arr.ndim - 1] = (arr.shape[0], ops.SUPPORTED_DTYPES.index(arr.dtype), arr.ndim, *arr.shape[1:])
+    row[:3 + arr.ndim - 1] = (arr.shape[0], ops.dtype_code(arr.dtype), arr.ndim, *arr.shape[1:])
     return row
 
 
@@ -660,7 +660,7 @@ def _agreed_first_dims(rows: list[list[int]]) -> list[int]:
     differ = [r for r, row in enumerate(rows) if row[1:] != rows[0][1:]]
     if differ:
         def layout(r: int) -> str:
-            dtype = ops.SUPPORTED_DTYPES[rows[r][1]].name
+            dtype = ops.dtype_name(rows[r][1])
             return f"rank {r}: {dtype} (*, {', '.join(str(d) for d in rows[r][3:2 + rows[r][2]])})"
         desc = "; ".join(layout(r) for r in [0, *differ])
         raise MismatchError(f"allgather: dtype or trailing shape differ across ranks ({desc})")

@@ -80,7 +80,9 @@ def neutral(count: int, dtype: np.dtype, op: str) -> np.ndarray:
     """`count` copies of the element that leaves `op` unchanged: 0, or the dtype's extreme."""
     if op in (ops.Sum, ops.Average):
         return np.zeros(count, dtype=dtype)
-    info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
-    extreme = (np.inf if op == ops.Min else -np.inf) if dtype.kind == "f" else (
-        info.max if op == ops.Min else info.min)
+    if ops.is_float(dtype):             # float16/32/64 and bfloat16 all have infinities
+        extreme = np.inf if op == ops.Min else -np.inf
+    else:
+        info = np.iinfo(dtype)
+        extreme = info.max if op == ops.Min else info.min
     return np.full(count, extreme, dtype=dtype)

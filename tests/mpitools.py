@@ -128,3 +128,20 @@ def exact_integer_allreduce(x: np.ndarray, op: str) -> np.ndarray:
     else:
         raise ValueError(f"exact_integer_allreduce: op {op!r}")
     return np.asarray(exact, dtype=object).astype(x.dtype).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def shared_folder(prefix: str) -> Iterator[str]:
+    """A folder every rank of COMM_WORLD sees (rank 0 makes it: the ranks share this machine),
+    removed when every rank is done with it. Collective."""
+    import tempfile
+
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(tempfile.mkdtemp(prefix=prefix) if comm.rank == 0 else None)
+    try:
+        yield path
+    finally:
+        comm.Barrier()
+        if comm.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)

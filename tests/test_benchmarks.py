@@ -57,6 +57,7 @@ def test_dtype_names():
     ("cluster_bench.py", ["--shapes", "2by2", "--out", "x"]),
     ("cluster_bench.py", ["--rates", "fast", "--out", "x"]),
     ("link_bytes.py", ["--sizes", "banana"]),
+    ("compression_digits.py", ["--ranks", "0"]),
 ])
 def test_bad_cli_input_exits_2_with_one_line(script, args):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
@@ -132,3 +133,76 @@ def test_train_step_measures_both_transports(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(rows) == {"p2p", "shm"} and not result["meta"]["failures"]
     assert rows["shm"]["params"] == 17226 and rows["shm"]["step_ms"] > 0
+
+
+# --- benchmarks/compression.py (issue 21) ------------------------------------------------------
+
+def load_compression_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compression", ROOT / "benchmarks" / "compression.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args", [
+    ["-b", "4Q"],
+    ["-b", "8M", "-e", "1M"],
+    ["-b", "1002", "-e", "1002"],
+    ["-r", "0"],
+    ["--compressors", "zip"],
+    ["--compressors", "fp16,fp16"],
+    ["--compressors", "powersgd:0"],
+    ["--compressors", ","],
+    ["--rates", "1gbit"],
+    ["--cluster", "2by2"],
+    ["--cluster", "1x2"],
+    ["--cluster", "2x2", "--rates", "fast"],
+    ["--cluster", "2x2", "--rates", "1gbit,1gbit"],
+    ["--wire-size", "1001"],
+])
+def test_compression_bad_cli_input_exits_2_with_one_line(args):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compression.py"), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("compression.py: ") and done.stdout == ""
+
+
+def test_compression_matrix_shapes_and_crossover():
+    cb = load_compression_bench()
+    assert cb.matrix_shape(1 << 20) == (512, 512) and cb.matrix_shape(2 << 20) == (512, 1024)
+    assert cb.matrix_shape(64 << 20) == (4096, 4096) and cb.matrix_shape(4 * 7) == (1, 7)
+    g = 1e9
+    # fp16 1.5x faster at 1 Gbit/s, 0.5x at 4 Gbit/s: crosses 1 half way in log rate, at 2 Gbit/s
+    found = cb.crossover([(4 * g, 0.5), (1 * g, 1.5)])
+    assert found["rate_bps"] == pytest.approx(2 * g) and "below 2.00 Gbit/s" in found["note"]
+    assert cb.crossover([(g, 1.2), (10 * g, 1.1)])["rate_bps"] is None
+    assert "every rate" in cb.crossover([(g, 1.2), (10 * g, 1.1)])["note"]
+    assert "never" in cb.crossover([(g, 0.9), (10 * g, 0.8)])["note"]
+
+
+def test_compression_runs_every_compressor(tmp_path):
+    """Two ranks, two sizes: the table, the three files, payloads and errors as the compressors promise."""
+    prefix = tmp_path / "comp"
+    done = run_mpi(2, [str(ROOT / "benchmarks" / "compression.py"), "-b", "64K", "-e", "256K", "-f", "4",
+                       "--rounds", "2", "--warmup", "1", "--compressors", "none,fp16,powersgd:1",
+                       "--out", str(prefix)], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / "comp.json").read_text())
+    assert (tmp_path / "comp.png").stat().st_size > 0
+    table = [line for line in (tmp_path / "comp.txt").read_text().splitlines() if not line.startswith("#")]
+    assert [line.split()[2] for line in table] == ["none", "fp16", "powersgd:1"] * 2
+    rows = {(r["size"], r["compressor"]): r for r in doc["results"]}
+    assert set(rows) == {(s, c) for s in (65536, 262144) for c in ("none", "fp16", "powersgd:1")}
+    assert rows[65536, "none"]["matrix"] == [128, 128] and rows[262144, "none"]["matrix"] == [256, 256]
+    for size, n in ((65536, 128), (262144, 256)):
+        assert rows[size, "none"]["payload_bytes"] == size and rows[size, "none"]["vs_none"] == 1.0
+        assert rows[size, "fp16"]["payload_bytes"] == size // 2
+        assert rows[size, "powersgd:1"]["payload_bytes"] == 2 * n * 4        # P and Q, n x 1 each
+        assert rows[size, "none"]["compress_us"] is None and rows[size, "none"]["rel_error"] < 1e-6
+        assert rows[size, "fp16"]["rel_error"] < 2e-3 and rows[size, "fp16"]["compress_us"] > 0
+        assert 0 < rows[size, "powersgd:1"]["rel_error"] <= 1.0 and rows[size, "powersgd:1"]["decompress_us"] > 0
+    assert all(r["time_us"] > 0 and len(r["rounds_us"]) == 2 for r in doc["results"])
+    assert "start_iter=0" in doc["meta"]["signatures"]["powersgd:1"] and doc["meta"]["ranks"] == 2

@@ -19,7 +19,7 @@ def test_in_trap_is_a_destination_just_past_the_source_modulo_a_page():
     assert in_trap(5 * PAGE + 100, 3 * PAGE + 90) and not in_trap(3 * PAGE + 90, 5 * PAGE + 100)
 
 
-@pytest.mark.parametrize("dtype", ops.SUPPORTED_DTYPES)
+@pytest.mark.parametrize("dtype", [np.dtype(n) for n in ops.DTYPE_NAMES if n != "bfloat16"])   # (fixed: NumPy's)
 @pytest.mark.parametrize("gap", [0, 1, 2, 3, 6, 16, 48, 64, PAGE - 16])
 def test_copy_gives_the_same_bits_trapped_or_not(dtype, gap, monkeypatch):
     monkeypatch.setattr(memcopy, "TRAP_ENDS", 1 << 30)     # checked on any processor

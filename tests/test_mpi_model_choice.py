@@ -8,13 +8,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import ringsync_settings
+from mpitools import ringsync_settings, shared_folder
 
 from ringsync.agreement import MismatchError
 from ringsync.context import world
@@ -27,12 +25,9 @@ FILES = itertools.count()
 
 @pytest.fixture(scope="module")
 def folder():
-    """A folder every rank writes into (rank 0's, on this machine), removed afterwards."""
-    path = COMM.bcast(tempfile.mkdtemp(prefix="ringsync-model-") if COMM.rank == 0 else None)
-    yield path
-    COMM.Barrier()
-    if COMM.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
+    """A folder every rank sees, removed afterwards."""
+    with shared_folder("ringsync-model-") as path:
+        yield path
 
 
 def shared_file(folder: str, text_for_rank) -> str:

@@ -152,3 +152,144 @@ def test_horovod_style_example_runs():
     assert "model identical on every rank: True" in result.stdout
     accuracy = float(result.stdout.split("accuracy ")[-1].split(";")[0])
     assert accuracy > 0.95
+
+
+# --- gradient compression (--compression, issue 21): flags, report, checkpoints ------------------
+
+def checkpoint_arrays(path):
+    """Every array in a checkpoint file but meta, by key (parameters, optimizer/, compression/)."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != "meta"}, json.loads(str(f["meta"]))
+
+
+@pytest.mark.parametrize("compression", [["--compression", "fp16", "--error-feedback"],
+                                         ["--compression", "powersgd:2"]])
+def test_resume_with_compression_is_bitwise_exact(tmp_path, compression):
+    """Every rank's error-feedback residual (and PowerSGD's Q) is saved and given back to it:
+    a run stopped and resumed, at an epoch's end or mid-epoch, ends on the very same bits."""
+    common = ["--batch-size", "32", "--seed", "1", "--hidden", "32,16", *compression]
+    straight_ckpt = str(tmp_path / "straight.npz")
+    straight, report = train(2, tmp_path, "straight", "--epochs", "2", "--save", straight_ckpt, *common)
+    assert report["compression"] == compression[1] and report["error_feedback"] is True
+    final, final_meta = checkpoint_arrays(straight_ckpt)
+    assert final_meta["compression_state_ranks"] == 2 and final_meta["error_feedback"] is True
+    assert final_meta["compression"] == compression[1] and final_meta["compression_signature"]
+    assert any(k.startswith("compression/0/") for k in final)
+    assert {k.replace("compression/0/", "compression/1/") for k in final if k.startswith("compression/0/")} \
+        == {k for k in final if k.startswith("compression/1/")}
+    for stop in (["--epochs", "1"], ["--epochs", "2", "--max-steps", "30", "--save-every", "7"]):
+        ckpt = str(tmp_path / f"{stop[-1]}.npz")
+        train(2, tmp_path, "first", *stop, "--save", ckpt, *common)
+        resumed, again = train(2, tmp_path, "second", "--epochs", "2", "--resume", ckpt, "--save", ckpt, *common)
+        assert again["steps"] == report["steps"] and again["params_sha256"] == report["params_sha256"]
+        assert set(resumed) == set(straight) and all(np.array_equal(resumed[k], straight[k]) for k in straight)
+        got, _ = checkpoint_arrays(ckpt)
+        assert set(got) == set(final), set(got) ^ set(final)
+        assert all(np.array_equal(got[k], final[k]) for k in final), [
+            k for k in final if not np.array_equal(got[k], final[k])]
+
+
+def test_compression_report_counts_the_bytes(tmp_path):
+    from ringsync.training.compression import PowerSGD
+
+    n_params = 64 * 32 + 32 + 32 * 10 + 10
+    warm = PowerSGD().start_iter                  # PowerSGD's first steps are plain all-reduces
+    steps = ["--max-steps", str(warm + 4), "--hidden", "32", "--batch-size", "16"]
+    for p in (1, 3):
+        ring = 2 * (p - 1) / p
+        _, none = train(p, tmp_path, f"none{p}", *steps)
+        assert none["compression"] == "none" and none["error_feedback"] is False
+        assert none["payload_bytes_per_step"] == none["uncompressed_bytes_per_step"] == 4 * n_params
+        assert none["compression_ratio"] == 1.0 and none["fp16_fallbacks"] == 0
+        assert none["bytes_sent_per_rank_per_step"] == pytest.approx(ring * 4 * n_params)
+        _, fp16 = train(p, tmp_path, f"fp16{p}", *steps, "--compression", "fp16")
+        assert fp16["compression"] == "fp16" and fp16["error_feedback"] is False
+        assert fp16["payload_bytes_per_step"] == 2 * n_params and fp16["compression_ratio"] == pytest.approx(2.0)
+        assert fp16["uncompressed_bytes_per_step"] == 4 * n_params and fp16["fp16_fallbacks"] == 0
+        assert fp16["bytes_sent_per_rank_per_step"] == pytest.approx(ring * 2 * n_params)
+        assert fp16["uncompressed_bytes_sent_per_rank_per_step"] == none["bytes_sent_per_rank_per_step"]
+        _, psgd = train(p, tmp_path, f"psgd{p}", *steps, "--compression", "powersgd:1")
+        assert psgd["compression"] == "powersgd:1" and psgd["error_feedback"] is True
+        compressed = psgd["compressed_step_bytes"]
+        assert compressed < 2 * n_params and psgd["compressed_step_ratio"] == pytest.approx(4 * n_params / compressed)
+        assert psgd["payload_bytes_per_step"] * (warm + 4) == pytest.approx(warm * 4 * n_params + 4 * compressed)
+        assert psgd["compression_ratio"] == pytest.approx(4 * n_params / psgd["payload_bytes_per_step"])
+        assert psgd["bytes_sent_per_rank_per_step"] == pytest.approx(ring * psgd["payload_bytes_per_step"])
+        assert psgd["params_identical_across_ranks"] is True
+
+
+def test_compression_is_named_in_the_first_line(tmp_path):
+    for flags, words in ((["--compression", "powersgd:2", "--no-error-feedback"],
+                          "--compression powersgd:2 --no-error-feedback"),
+                         ([], "--compression none")):
+        result = run_mpi(2, ["-m", "ringsync.training.train", "--max-steps", "3", *flags], timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        first = result.stdout.splitlines()[0]
+        assert first.startswith("ringsync-train: 2 rank(s)") and words in first, first
+        assert "parameters bitwise identical on all 2 rank(s): yes" in result.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--compression", "zip"], "--compression"),
+    (["--compression", "powersgd"], "--compression"),
+    (["--compression", "powersgd:x"], "--compression"),
+    (["--compression", "powersgd:0"], "--compression"),
+    (["--no-error-feedback"], "--no-error-feedback needs --compression"),
+    (["--compression", "none", "--error-feedback"], "--error-feedback needs --compression"),
+    (["--compression", "fp16", "--sync", "local:2"], "--sync bsp only"),
+    (["--compression", "powersgd:1", "--sync", "async"], "--sync bsp only"),
+    (["--compression", "fp16", "--device", "gpu"], "--device cpu only"),
+])
+def test_bad_compression_flags_exit_2_with_one_line(args, words):
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringsync-train: error:") and words in lines[0], lines
+
+
+def test_bf16_without_ml_dtypes_exits_2_with_one_line():
+    hide = ("import sys; sys.modules['ml_dtypes'] = None; from ringsync.training.train import main; "
+            "sys.exit(main(['--quiet', '--max-steps', '1', '--compression', 'bf16']))")
+    result = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, check=False, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringsync-train: error:") and "ml_dtypes" in lines[0], lines
+
+
+def test_resume_refuses_other_compression_or_world_size(tmp_path):
+    ckpt = tmp_path / "c.npz"
+    common = ["--max-steps", "6", "--hidden", "16", "--save", str(ckpt)]
+    train(2, tmp_path, "ef", *common, "--batch-size", "16", "--compression", "fp16", "--error-feedback")
+    before = ckpt.read_bytes()
+    for nranks, flags, words in (
+            (2, ["--batch-size", "16"], "--compression fp16 --error-feedback, this run has --compression none"),
+            (2, ["--batch-size", "16", "--compression", "fp16"], "this run has --compression fp16 --no-error-feedback"),
+            (2, ["--batch-size", "16", "--compression", "powersgd:1"], "--compression powersgd:1"),
+            (1, ["--batch-size", "32", "--compression", "fp16", "--error-feedback"], "residuals of 2 rank(s)")):
+        r = run_mpi(nranks, [*TRAIN, "--max-steps", "8", "--hidden", "16", "--resume", str(ckpt),
+                             "--save", str(ckpt), *flags], timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        lines = [line for line in r.stderr.splitlines() if line.startswith("ringsync-train")]
+        assert len(lines) == 1 and words in lines[0], (flags, r.stderr[-3000:])
+        assert ckpt.read_bytes() == before
+    # a compressed run does not resume from a checkpoint of an uncompressed one either
+    plain = tmp_path / "plain.npz"
+    train(2, tmp_path, "plain", "--max-steps", "6", "--hidden", "16", "--batch-size", "16", "--save", str(plain))
+    r = run_mpi(2, [*TRAIN, "--max-steps", "8", "--hidden", "16", "--batch-size", "16", "--resume", str(plain),
+                    "--compression", "fp16"], timeout=120)
+    assert r.returncode == 2 and "trained with --compression none" in r.stderr, r.stderr[-3000:]
+
+
+def test_resume_without_error_feedback_may_change_the_rank_count(tmp_path):
+    """Without error feedback the compression state (PowerSGD's Q and step) is the same on every
+    rank, so a checkpoint of 2 ranks resumes on 1 with the same global batch."""
+    ckpt = tmp_path / "c.npz"
+    common = ["--hidden", "16", "--compression", "powersgd:1", "--no-error-feedback"]
+    train(2, tmp_path, "two", "--max-steps", "12", "--batch-size", "16", "--save", str(ckpt), *common)
+    _, report = train(1, tmp_path, "one", "--max-steps", "14", "--batch-size", "32", "--resume", str(ckpt),
+                      "--save", str(ckpt), *common)
+    assert report["resumed_from_step"] == 12 and report["steps"] == 14 and report["world_size"] == 1
+    got, meta = checkpoint_arrays(ckpt)
+    assert meta["compression_state_ranks"] == 1 and "compression/0/q" in got and "compression/0/residual" not in got

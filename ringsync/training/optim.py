@@ -4,7 +4,8 @@ Synchronous data-parallel SGD in one sentence: every rank computes gradients on 
 of the batch, the gradients are averaged across ranks, and every rank applies the same update
 to the same parameters -- so the model stays identical everywhere, bit for bit.
 DistributedOptimizer is the "averaged across ranks" part: it wraps any local optimizer and
-runs one fused ring all-reduce over the gradients before each step.
+runs one fused ring all-reduce over the gradients before each step, optionally compressed
+(fp16, bf16, PowerSGD: compression.py holds the arithmetic, this file the all-reduces).
 """
 from __future__ import annotations
 
@@ -13,8 +14,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .. import ops
-from ..collectives import broadcast_
-from ..fusion import grouped_allreduce_
+from ..agreement import MismatchError
+from ..collectives import allreduce_, allreduce_fused_, broadcast_, check_inplace
+from ..context import size
+from ..fusion import FlatViews, contiguous_span, fusion_threshold, grouped_allreduce_, plan_buckets
+from ..transport.gpu import is_device_array
+from .compression import (
+    CastCompression,
+    CastEngine,
+    Compression,
+    Compressor,
+    PowerSGD,
+    PowerSGDEngine,
+    check_compressor,
+    check_gradient,
+)
 from .nn import Params
 
 
@@ -72,23 +86,50 @@ class DistributedOptimizer:
     step() = synchronize() (one fused ring all-reduce of every gradient, op Average) followed
     by the wrapped optimizer's step(). Call synchronize() yourself to time the two apart; step()
     then does not reduce again. Gradients are views into one flat buffer, so fusion copies nothing.
+
+    `compression` (Horovod's argument; training/compression.py, docs/compression.md):
+    Compression.none (the default: exactly the plain fused all-reduce), Compression.fp16,
+    Compression.bf16 or PowerSGD(rank=r); with op Average or Sum, on NumPy gradients only.
+    The ranks must agree on it: at the first synchronize() a tiny all-reduce named by the
+    compressor's signature makes ranks that differ (compressor, rank, error feedback, ...)
+    raise MismatchError, all of them, before any gradient is sent (with the agreement check
+    on: RINGSYNC_CHECK_AGREEMENT, the default).
     """
 
-    def __init__(self, optimizer: SGD, op: str = ops.Average, fusion_bytes: int | None = None) -> None:
+    def __init__(self, optimizer: SGD, op: str = ops.Average, fusion_bytes: int | None = None,
+                 compression: Compressor = Compression.none) -> None:
         if not hasattr(optimizer, "step") or not hasattr(optimizer, "params"):
             raise TypeError(f"optimizer must have .step() and .params, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.op = ops.resolve_op(op)
         self.fusion_bytes = fusion_bytes
+        self.compression = check_compressor(compression)
+        self._signature = self.compression.signature()      # names every all-reduce it makes
         self._synchronized = False
+        grads = list(self.params.grads())
+        self._uncompressed_bytes = sum(g.nbytes for g in grads)
+        self._elements = sum(g.size for g in grads)
+        self._steps = 0                 # synchronize() calls (PowerSGD's start_iter counts them)
+        self._sent = 0                  # bytes all-reduced by this process's calls, in all
+        self._calls = 0                 # this process's synchronize() calls (a resumed run's too)
+        self._engine: CastEngine | PowerSGDEngine | None = None
+        self._agreed = self.compression.name == "none"    # the handshake is still to come
+        if self.compression.name != "none":
+            self._check_compressible(grads)
 
     @property
     def params(self) -> Params:
         return self.optimizer.params
 
     def synchronize(self) -> None:
-        """All-reduce (average) the gradients across ranks, in place."""
-        grouped_allreduce_(self.params.grads(), op=self.op, fusion_bytes=self.fusion_bytes)
+        """All-reduce (average) the gradients across ranks, in place (compressed if asked)."""
+        if self.compression.name == "none":
+            grouped_allreduce_(self.params.grads(), op=self.op, fusion_bytes=self.fusion_bytes)
+            self._sent += self._uncompressed_bytes
+        else:
+            self._sent += self._synchronize_compressed()
+        self._steps += 1
+        self._calls += 1
         self._synchronized = True
 
     def step(self) -> None:
@@ -103,6 +144,154 @@ class DistributedOptimizer:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         self.optimizer.load_state_dict(state)
+
+    # -- compression ------------------------------------------------------------------------
+
+    def _check_compressible(self, grads: list[np.ndarray]) -> None:
+        if self.op not in (ops.Average, ops.Sum):
+            raise ValueError(f"compression {self.compression.name} works with op average or sum, "
+                             f"got {self.op!r}")
+        for i, g in enumerate(grads):
+            if is_device_array(g):
+                raise TypeError("gradient compression runs on the host (NumPy) only; GPU (CuPy) "
+                                "gradients are not supported: use compression none")
+            check_gradient(g, f"gradient {i}")
+            check_inplace(g, f"gradient {i}")
+        if len({g.dtype for g in grads}) > 1:
+            raise TypeError("gradient compression needs every gradient in one dtype, got "
+                            + ", ".join(sorted({g.dtype.name for g in grads})))
+        if isinstance(self.compression, CastCompression):
+            self.compression.payload_dtype()          # bf16 without ml_dtypes: ImportError now
+
+    def _prepare(self) -> CastEngine | PowerSGDEngine:
+        """The compressor's state (residuals, PowerSGD's Q), made once, on first need."""
+        if self._engine is None:
+            grads = list(self.params.grads())
+            dtype = grads[0].dtype if grads else np.dtype(np.float32)
+            if isinstance(self.compression, PowerSGD):
+                self._engine = PowerSGDEngine(self.compression, [g.shape for g in grads], dtype)
+            else:
+                self._engine = CastEngine(self.compression, sum(g.size for g in grads), dtype)
+        return self._engine
+
+    def _reduce(self, flat: np.ndarray, shapes: tuple[tuple[int, ...], ...], op: str) -> None:
+        """A compressed bucket's all-reduce: fused (tensor count and shapes checked), named by
+        the compressor's signature, so that the agreement check compares the settings too."""
+        allreduce_fused_(flat, op, shapes, name=self._signature)
+
+    def _handshake(self) -> None:
+        """One tiny all-reduce named by the signature: ranks whose compression settings differ
+        raise MismatchError here, every one of them, before any gradient is sent."""
+        try:
+            allreduce_(np.zeros(1), op=ops.Sum, name=self._signature)
+        except MismatchError as exc:
+            raise MismatchError(f"ranks use different gradient compression (DistributedOptimizer("
+                                f"compression=...)): {exc}") from exc
+        self._agreed = True
+
+    def _synchronize_compressed(self) -> int:
+        """One compressed synchronize(); returns the bytes it all-reduced."""
+        if not self._agreed:
+            self._handshake()
+        engine = self._prepare()
+        grads = self.params.grads()
+        if isinstance(engine, PowerSGDEngine):
+            if self._steps < self.compression.start_iter:      # plain steps first (as none)
+                grouped_allreduce_(grads, op=self.op, fusion_bytes=self.fusion_bytes)
+                return self._uncompressed_bytes
+            return engine.step_(list(grads), self.op, self._reduce)
+        sent, offset, contributors = 0, 0, size()
+        for span, shapes, arrays in self._buckets(grads):
+            sent += engine.reduce_bucket_(span, offset, shapes, self.op, contributors, self._reduce)
+            offset += span.size
+            if arrays is not None:                  # a packed bucket: unpack
+                start = 0
+                for a in arrays:
+                    a.reshape(-1)[...] = span[start:start + a.size]
+                    start += a.size
+        return sent
+
+    def _buckets(self, grads: Sequence[np.ndarray]) -> list[tuple[np.ndarray, tuple, list | None]]:
+        """(span, its tensors' shapes, the arrays to unpack into or None) per fusion bucket, in
+        gradient order: a FlatBuffer's slices where they lie, else adjacent arrays in place,
+        else the arrays packed into a fresh buffer (fusion.py's rules, with one dtype)."""
+        threshold = fusion_threshold(self.fusion_bytes)
+        if isinstance(grads, FlatViews):
+            return [(span, shapes, None) for span, shapes in grads.owner.buckets(threshold)]
+        out = []
+        for bucket in plan_buckets([g.nbytes for g in grads], [g.dtype for g in grads], threshold):
+            arrays = [grads[i] for i in bucket]
+            span = arrays[0].reshape(-1) if len(arrays) == 1 else contiguous_span(arrays)
+            shapes = tuple(a.shape for a in arrays)
+            if span is not None:
+                out.append((span, shapes, None))
+            else:
+                out.append((np.concatenate([a.reshape(-1) for a in arrays]), shapes, arrays))
+        return out
+
+    def compression_state(self) -> dict[str, np.ndarray]:
+        """This rank's compression state, as copies: "residual" (error feedback: one flat array
+        over the gradients in order; it differs between ranks), and for PowerSGD "q" (every Q,
+        flat; the same on every rank) and "step" (synchronize() calls made). Empty for none."""
+        if self.compression.name == "none":
+            return {}
+        engine = self._prepare()
+        state = {}
+        if engine.residual is not None:
+            state["residual"] = engine.residual.copy()
+        if isinstance(engine, PowerSGDEngine):
+            state["q"] = engine.q_buffer.copy()
+            state["step"] = np.array(self._steps, dtype=np.int64)
+        return state
+
+    def load_compression_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what compression_state() gave (a checkpoint's), so that the following steps
+        are the same bits as if the run had not stopped. ValueError names a missing, unexpected
+        or wrongly shaped entry."""
+        expected = self.compression_state()
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing or extra:
+            raise ValueError(f"compression state for {self._signature!r} does not "
+                             f"fit: missing {missing}, unexpected {extra}")
+        for key, mine in expected.items():
+            given = np.asarray(state[key])
+            if given.shape != mine.shape:
+                raise ValueError(f"compression state {key!r} has shape {given.shape}, "
+                                 f"expected {mine.shape}")
+        engine = self._engine
+        if "residual" in state:
+            engine.residual[...] = state["residual"]
+        if isinstance(engine, PowerSGDEngine):
+            engine.q_buffer[...] = state["q"]
+            self._steps = int(state["step"])
+
+    def compression_report(self) -> dict:
+        """What compression did: "compression" (the signature), "error_feedback", the mean
+        bytes each rank all-reduced per synchronize() ("payload_bytes_per_step"; before any,
+        those of one compressed step) against the gradients' ("uncompressed_bytes_per_step"),
+        their ratio ("compression_ratio"), and "fp16_fallbacks" (fp16/bf16 buckets sent
+        uncompressed because their result was not finite). The one-time handshake is not
+        counted."""
+        c = self.compression
+        engine = None if c.name == "none" else self._prepare()
+        if isinstance(engine, PowerSGDEngine):
+            per_compressed_step = engine.step_bytes()
+        elif isinstance(engine, CastEngine):
+            per_compressed_step = engine.step_bytes(self._elements)
+        else:
+            per_compressed_step = self._uncompressed_bytes
+        payload = self._sent / self._calls if self._calls else float(per_compressed_step)
+        return {
+            "compression": self._signature,
+            "error_feedback": bool(c.error_feedback),
+            "payload_bytes_per_step": payload,
+            "uncompressed_bytes_per_step": self._uncompressed_bytes,
+            "compression_ratio": self._uncompressed_bytes / payload if payload else 1.0,
+            "fp16_fallbacks": engine.fallbacks if isinstance(engine, CastEngine) else 0,
+            "compressed_step_bytes": per_compressed_step,
+            "steps": self._steps,
+        }
 
 
 def broadcast_parameters(params: Params | Mapping[str, np.ndarray] | Sequence[np.ndarray],

@@ -12,12 +12,15 @@ So all ranks hold the same model, bit for bit, after every step; the summary pro
 comparing parameter hashes across ranks. --batch-size is per rank (Horovod's convention):
 the global batch is ranks x batch size, and the learning rate applies to its average gradient.
 That is --sync bsp, the default; --sync backup:B, local:H, ssp:S and async combine the
-ranks' work in other ways (ringsync/sync/, docs/sync-vs-async.md).
+ranks' work in other ways (ringsync/sync/, docs/sync-vs-async.md). --compression fp16, bf16
+or powersgd:R compresses the gradients on their way through bsp's all-reduce, with or without
+error feedback (ringsync/training/compression.py, docs/compression.md).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import socket
 import sys
@@ -30,13 +33,20 @@ import numpy as np
 
 import ringsync as rs
 
-from .. import cli, timing
+from .. import cli, ops, timing
 from ..cli import float_at_least, int_at_least
 from ..files import atomic_write_text
 from ..timing.straggler import merge_report
 from ..transport import gpu
 from . import sync
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint_with_compression,
+    pack_state,
+    save_checkpoint,
+    unpack_state,
+)
+from .compression import parse_compression
 from .data import (
     DataError,
     Dataset,
@@ -86,6 +96,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _compression(text: str) -> str:
+    """An argparse type: none, fp16, bf16 or powersgd:R (checked here; built in parse_args)."""
+    try:
+        parse_compression(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    except Exception:  # noqa: BLE001, S110 - bf16 without ml_dtypes: parse_args refuses it in one line
+        pass
+    return text.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.OneLineParser(prog=PROG, description="Data-parallel SGD of a small MLP over ringsync's ring all-reduce.")
     d = p.add_argument_group("data")
@@ -111,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: NumPy; gpu: CuPy on device local_rank %% count (RINGSYNC_GPU_DEVICE overrides)")
     t.add_argument("--fusion-mb", type=float_at_least(0.0), default=None,
                    help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
+    c = p.add_argument_group("gradient compression (docs/compression.md)")
+    c.add_argument("--compression", type=_compression, default="none", metavar="C",
+                   help="none (default), fp16, bf16 (needs ml_dtypes) or powersgd:R: how the "
+                        "gradients travel through --sync bsp's all-reduce")
+    c.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep what compression lost and add it to the next gradient "
+                        "(default: on for powersgd:R, off for fp16 and bf16)")
     timing.add_arguments(p)   # --timing, --straggler, --jitter, --timeline
     sync.add_arguments(p, int_at_least(1), _fraction)   # --sync MODE and its settings
     o = p.add_argument_group("output")
@@ -137,9 +165,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if path and Path(path).is_dir():
             fail(f"--{flag} {path}: is a folder, not a file")
     args.dataset = args.dataset or ("file" if args.data else "digits")
+    _compression_args(args)
     if args.momentum is None:
         args.momentum = STALE_MOMENTUM if args.sync.parameter_server else DEFAULT_MOMENTUM
     return args
+
+
+def _compression_args(args: argparse.Namespace) -> None:
+    """Build args.compression (the compressor) from --compression and --[no-]error-feedback;
+    args.compression_text is what the first line, the report and the sync check name."""
+    text = args.compression
+    try:
+        compressor = parse_compression(text)
+        if compressor.name == "bf16":
+            ops.require_bfloat16()
+        if args.error_feedback is not None and compressor.name != "none":
+            compressor = parse_compression(text, error_feedback=args.error_feedback)
+    except Exception as exc:  # noqa: BLE001 - any refusal is one line
+        fail(f"--compression {text}: {exc}")
+    flag = "--error-feedback" if args.error_feedback else "--no-error-feedback"
+    if compressor.name == "none":
+        if args.error_feedback is not None:
+            fail(f"{flag} needs --compression fp16, bf16 or powersgd:R (none loses nothing to feed back)")
+        text = "none"
+    elif args.device != "cpu":
+        fail(f"--compression {text} runs on --device cpu only")
+    args.compression, args.compression_text = compressor, text
+
+
+def compression_flags(text: str, error_feedback: bool) -> str:
+    """'--compression fp16 --no-error-feedback', '--compression none': a run's compression."""
+    if text == "none":
+        return "--compression none"
+    return f"--compression {text} --{'' if error_feedback else 'no-'}error-feedback"
 
 
 def _agree(error: str | None) -> None:
@@ -182,15 +240,19 @@ class Trainer:
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.sizes = [data.features, *args.hidden, data.classes]
+        self.compression = args.compression
+        self.compressing = self.compression.name != "none"
         # bsp all-reduces the gradients where they lie: in the node's shared memory when the
-        # shared-memory transport is on (zero-copy; otherwise this changes nothing)
+        # shared-memory transport is on (zero-copy; otherwise this changes nothing). With
+        # compression the all-reduce runs on the compressed payload, never on the gradient
+        # buffer, so the gradients stay in private memory.
         self.model = MLP(self.sizes, seed=args.seed, dtype=args.dtype, xp=xp,
-                         shared_grads=args.sync.kind == "bsp")
+                         shared_grads=args.sync.kind == "bsp" and not self.compressing)
         self.params = self.model.params
         fusion_bytes = None if args.fusion_mb is None else int(args.fusion_mb * 2**20)
         self.optimizer = DistributedOptimizer(
             SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
-            op=rs.Average, fusion_bytes=fusion_bytes)
+            op=rs.Average, fusion_bytes=fusion_bytes, compression=self.compression)
         broadcast_parameters(self.params, root=0)      # every rank starts from rank 0's model
         self.step = 0                                  # global steps done, across resumes
         self.steps_run = 0                             # steps done by this process
@@ -242,15 +304,20 @@ class Trainer:
         return self.model.evaluate(self.xp.asarray(x, dtype=self.args.dtype), self.xp.asarray(y))
 
     # Checkpoints: rank 0 writes; every rank reads (then rank 0's parameters are broadcast).
+    # With compression, save() is collective: every rank's compression state (residuals,
+    # PowerSGD's Q) is gathered to rank 0 first, and restore() gives each rank its own back.
 
     def _meta(self) -> dict:
         epoch, t = divmod(self.step, self.steps_per_epoch)
         return {"step": self.step, "epoch": epoch, "step_in_epoch": t, "seed": self.args.seed,
                 "global_batch": self.global_batch, "sizes": self.sizes, "dtype": self.args.dtype,
                 "train_samples": len(self.data.x_train), "dataset": self.data.name,
-                "world_size": self.size}
+                "world_size": self.size, "compression": self.args.compression_text,
+                "error_feedback": bool(self.compression.error_feedback),
+                "compression_signature": self.compression.signature()}
 
     def save(self, path: str) -> None:
+        states = self._gather_compression_states() if self.compressing else None
         if self.rank != 0:
             return
         epoch = self.step // self.steps_per_epoch
@@ -258,11 +325,55 @@ class Trainer:
         params = {n: _to_host(v) for n, v in self.params.value.items()}
         optim = {n: _to_host(v) for n, v in self.optimizer.state_dict().items()}
         optim["permutation"] = perm          # stored under optimizer/ so it is never a parameter
-        save_checkpoint(path, params, optim, self._meta())
+        save_checkpoint(path, params, optim, self._meta(), compression=states)
+
+    def _gather_compression_states(self) -> list[dict[str, np.ndarray]] | None:
+        """Every rank's compression_state(), in rank order, on rank 0 (None elsewhere): each
+        rank's arrays packed into one byte string, gathered with ringsync's allgather."""
+        blob = pack_state({k: _to_host(v) for k, v in self.optimizer.compression_state().items()})
+        lengths = rs.allgather(np.array([blob.size], dtype=np.int64))
+        blobs = rs.allgather(blob)
+        if self.rank != 0:
+            return None
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        return [unpack_state(blobs[a:b]) for a, b in itertools.pairwise(bounds)]
+
+    def _compression_state_to_load(self, path: str, meta: dict,
+                                   states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+        """Check the checkpoint's compression against this run's; return this rank's state to
+        load (None: nothing to load). Raises CheckpointError naming the difference."""
+        mine = self._meta()
+        saved_signature = meta.get("compression_signature")
+        saved_text = meta.get("compression", "none") if saved_signature is not None else "none"
+        saved_feedback = bool(meta.get("error_feedback", False))
+        same = (saved_signature == mine["compression_signature"] if saved_signature is not None
+                else not self.compressing)
+        if not same:
+            theirs = compression_flags(saved_text, saved_feedback)
+            ours = compression_flags(mine["compression"], mine["error_feedback"])
+            if theirs == ours:
+                theirs, ours = f"signature {saved_signature}", f"signature {mine['compression_signature']}"
+            raise CheckpointError(f"--resume {path}: checkpoint was trained with {theirs}, this run "
+                                  f"has {ours}; resume with the same compression")
+        if not self.compressing:
+            return None
+        if not states:
+            raise CheckpointError(f"--resume {path}: checkpoint holds no compression state")
+        if len(states) == self.size:
+            return states[self.rank]
+        if saved_feedback:
+            raise CheckpointError(f"--resume {path}: checkpoint holds the error-feedback residuals of "
+                                  f"{len(states)} rank(s), this run has {self.size}; resume on "
+                                  f"{len(states)} rank(s)")
+        first = pack_state(states[0])
+        if any(not np.array_equal(pack_state(s), first) for s in states[1:]):
+            raise CheckpointError(f"--resume {path}: checkpoint holds the compression state of "
+                                  f"{len(states)} rank(s), which differ; this run has {self.size}")
+        return states[0]              # without error feedback every rank's state is the same
 
     def restore(self, path: str) -> None:
         """Load a checkpoint on every rank; raise CheckpointError naming any mismatch."""
-        params, optim, meta = load_checkpoint(path)
+        params, optim, states, meta = load_checkpoint_with_compression(path)
         mine = self._meta()
         for key in ("seed", "global_batch", "sizes", "dtype", "train_samples"):
             if meta.get(key) != mine[key]:
@@ -271,6 +382,7 @@ class Trainer:
         for name in self.params.names:
             if name not in params or params[name].shape != self.params.value[name].shape:
                 raise CheckpointError(f"--resume {path}: parameter {name} missing or mis-shaped")
+        compression_state = self._compression_state_to_load(path, meta, states)
         perm = optim.pop("permutation", None)
         if not isinstance(meta.get("step"), int) or meta["step"] < 0:
             raise CheckpointError(f"--resume {path}: checkpoint has no valid step count")
@@ -283,6 +395,11 @@ class Trainer:
             self.optimizer.load_state_dict(optim)
         except ValueError as exc:
             raise CheckpointError(f"--resume {path}: {exc}") from None
+        if compression_state is not None:
+            try:
+                self.optimizer.load_compression_state(compression_state)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"--resume {path}: compression state: {exc}") from None
         for name in self.params.names:
             self.params.value[name][...] = self.xp.asarray(params[name])
         self.step = step
@@ -323,6 +440,31 @@ def params_identical(params_flat) -> tuple[bool, str]:
     digest = hashlib.sha256(_to_host(params_flat).tobytes()).digest()
     all_digests = rs.allgather(np.frombuffer(digest, dtype=np.uint8)).reshape(-1, len(digest))
     return bool((all_digests == all_digests[0]).all()), all_digests[0].tobytes().hex()
+
+
+def compression_fields(trainer: Trainer) -> dict:
+    """The report's compression figures, from the optimizer's compression_report(): the mean
+    payload each rank put into the all-reduce per step (PowerSGD's first start_iter steps and
+    fp16's fallbacks travel uncompressed, and count), one compressed step's payload, and the
+    bytes the ring sends. Those are computed, not measured: each rank sends 2(p-1)/p x the
+    payload it puts into a ring all-reduce (reduce-scatter, then all-gather): 0 on one rank."""
+    got = trainer.optimizer.compression_report()
+    ring = 2 * (trainer.size - 1) / trainer.size
+    payload, full = float(got["payload_bytes_per_step"]), float(got["uncompressed_bytes_per_step"])
+    fields = {
+        "compression": trainer.args.compression_text,
+        "error_feedback": bool(got["error_feedback"]),
+        "payload_bytes_per_step": payload,
+        "uncompressed_bytes_per_step": full,
+        "bytes_sent_per_rank_per_step": ring * payload,
+        "uncompressed_bytes_sent_per_rank_per_step": ring * full,
+        "compression_ratio": float(got["compression_ratio"]),
+        "fp16_fallbacks": int(got["fp16_fallbacks"]),
+    }
+    if "compressed_step_bytes" in got:         # one step once compression runs (no fallback)
+        fields["compressed_step_bytes"] = float(got["compressed_step_bytes"])
+        fields["compressed_step_ratio"] = full / fields["compressed_step_bytes"] if fields["compressed_step_bytes"] else 1.0
+    return fields
 
 
 def run(trainer: Trainer, quiet: bool = False, after_step: Callable[[], None] | None = None) -> float:
@@ -393,6 +535,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         print(f"{PROG}: {rs.size()} rank(s), {data.name} ({len(data.x_train)} train / {len(data.x_test)} "
               f"test), MLP {'-'.join(map(str, trainer.sizes))} {args.dtype}, global batch "
               f"{trainer.global_batch}, {trainer.steps_per_epoch} steps/epoch, --sync {args.sync.text}, "
+              f"{compression_flags(args.compression_text, trainer.compression.error_feedback)}, "
               f"lr {args.lr}, momentum {args.momentum}"
               + (f", resuming at step {first_step}" if args.resume else ""), flush=True)
 
@@ -425,6 +568,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "resumed_from_step": first_step if args.resume else None,
         "ranks": ranks,
     }
+    report.update(compression_fields(trainer))
     merge_report(report, straggler_report)   # ranks[i].compute_s/wait_s/..., "straggler"
     report.update(sync_fields)               # sync, curve, *_to_accuracy, and the mode's own
     if rs.rank() == 0:
@@ -435,6 +579,11 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
             print(f"{PROG}: {trainer.step} steps ({report['epochs']:.3g} epochs): final loss "
                   f"{final_loss:.4f}, train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
                   f"{report['samples_per_second']:.0f} samples/s", flush=True)
+            if trainer.compressing:
+                print(f"{PROG}: --compression {report['compression']}: {report['payload_bytes_per_step']:,.0f} "
+                      f"payload bytes/step on average ({report['compression_ratio']:.3g}x fewer than "
+                      f"{report['uncompressed_bytes_per_step']:,.0f}); the ring sends "
+                      f"{report['bytes_sent_per_rank_per_step']:,.0f} per rank per step", flush=True)
             if straggler_report:
                 print(sync.format_timing(straggler_report), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "

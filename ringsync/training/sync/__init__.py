@@ -85,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser, number: Callable, fraction: C
 def check_args(args: argparse.Namespace, size: int, fail: Callable[[str], Any]) -> None:
     """Refuse, in one line each, what a mode cannot do; fix the timing settings of ssp/async."""
     spec = args.sync
+    compression = getattr(args, "compression_text", "none")
+    if spec.kind != "bsp" and compression != "none":
+        fail(f"--compression {compression} works with --sync bsp only, not {spec.text}: "
+             "it compresses the gradients of bsp's all-reduce")
     if spec.kind != "bsp" and args.device != "cpu":
         fail(f"--sync {spec.text} runs on --device cpu only")
     if not spec.parameter_server and (args.servers is not None or args.staleness_lr):
