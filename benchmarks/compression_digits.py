@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=bl.positive_int, default=4, help="ranks (4)")
     ap.add_argument("--epochs", type=bl.positive_int, default=20, help="epochs per run (20)")
     ap.add_argument("--mpiexec", default=bl.default_mpiexec(), help="the launcher (this venv's)")
-    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=bl.positive_int, default=600, help="seconds per run (600)")
     ap.add_argument("--out", help="path prefix of the .txt and .json")
     args = ap.parse_args(argv)
     base = ["--epochs", str(args.epochs), "--batch-size", "32", "--lr", "0.1", "--momentum", "0.5",
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, flags in RUNS:
         try:
             doc = bl.run_train(args.mpiexec, args.ranks, base + flags, timeout=args.timeout)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             print(f"compression_digits.py: {name}: {exc}", file=sys.stderr)
             return 1
         rows.append({"run": name, "final_accuracy": doc["test_accuracy"],

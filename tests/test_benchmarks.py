@@ -58,6 +58,7 @@ def test_dtype_names():
     ("cluster_bench.py", ["--rates", "fast", "--out", "x"]),
     ("link_bytes.py", ["--sizes", "banana"]),
     ("compression_digits.py", ["--ranks", "0"]),
+    ("compression_digits.py", ["--timeout", "nan"]),
 ])
 def test_bad_cli_input_exits_2_with_one_line(script, args):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],

@@ -112,6 +112,20 @@ def test_bf16_round_trip():
 
 # --- PowerSGD, by hand --------------------------------------------------------------------------
 
+def test_powersgd_draws_a_dead_q_column_afresh():
+    """A zero gradient leaves Q = 0, and warm start would keep it so for good: the tensor's
+    gradient would never be sent again. The column is drawn afresh from the seed and step."""
+    engine = PowerSGDEngine(PowerSGD(rank=1, start_iter=0), [(16, 16)], np.float64)
+    engine.step_([np.zeros((16, 16))], ops.Average, identity, step=0)
+    assert engine.qs[0].any()
+    again = PowerSGDEngine(PowerSGD(rank=1, start_iter=0), [(16, 16)], np.float64)
+    again.step_([np.zeros((16, 16))], ops.Average, identity, step=0)
+    assert np.array_equal(engine.qs[0], again.qs[0])               # the same draw everywhere
+    g = np.random.default_rng(1).standard_normal((16, 16))
+    engine.step_([g], ops.Average, identity, step=1)
+    assert g.any() and np.abs(engine.residual).max() < 100
+
+
 def test_powersgd_on_a_2x2_matrix_by_hand():
     """M = [[1, 2], [3, 4]], Q = [1, 0]: P = M Q = [1, 3], P̂ = [1, 3]/√10,
     Q = M^T P̂ = [10, 14]/√10, P̂ Q^T = [[1, 1.4], [3, 4.2]]; e = M - P̂ Q^T = [[0, .6], [0, -.2]]."""

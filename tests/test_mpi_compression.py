@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import assert_everywhere, same_bits_everywhere
+from mpitools import assert_everywhere, ringsync_settings, same_bits_everywhere
 
 from ringsync import ops
 from ringsync.training.compression import Compression
@@ -177,6 +177,25 @@ def test_fp16_error_feedback_keeps_what_the_cast_lost(rs):
         assert_everywhere(np.array_equal(state["residual"], residual), "residual algebra")
         assert_everywhere(same_bits_everywhere(params.flat_grad), "fp16 with error feedback: ranks differ")
     assert_everywhere(opt.compression_report()["error_feedback"] is True, "report says error feedback")
+
+
+@pytest.mark.mpi
+def test_fp16_falls_back_also_when_ranks_check_for_nonfinite_input(rs):
+    """RINGSYNC_CHECK_FINITE=1: a finite gradient whose pre-scaled value passes 65504 on one
+    rank only is no user error: the bucket falls back on every rank, and the result is right."""
+    with ringsync_settings(RINGSYNC_CHECK_FINITE="1"):
+        model = MLP([4, 5, 3], seed=0)
+        params = model.params
+        try:
+            opt = rs.DistributedOptimizer(rs.SGD(params, lr=0.1), fusion_bytes=64, compression=FP16_EF)
+            g = fill(params, 0)
+            g[:20] = 70000.0 * COMM.size if COMM.rank == 0 else 0.0    # x/p = 70000 on rank 0 only
+            params.flat_grad[...] = g
+            opt.synchronize()
+            ok = np.array_equal(params.flat_grad[:20], np.full(20, 70000.0, np.float32))
+            assert_everywhere(ok and opt.compression_report()["fp16_fallbacks"] == 1, "fell back, right")
+        finally:
+            params.close()
 
 
 @pytest.mark.mpi

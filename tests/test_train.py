@@ -201,20 +201,20 @@ def test_compression_report_counts_the_bytes(tmp_path):
         assert none["compression"] == "none" and none["error_feedback"] is False
         assert none["payload_bytes_per_step"] == none["uncompressed_bytes_per_step"] == 4 * n_params
         assert none["compression_ratio"] == 1.0 and none["fp16_fallbacks"] == 0
-        assert none["bytes_sent_per_rank_per_step"] == pytest.approx(ring * 4 * n_params)
+        assert none["ring_bytes_per_rank_per_step"] == pytest.approx(ring * 4 * n_params)
         _, fp16 = train(p, tmp_path, f"fp16{p}", *steps, "--compression", "fp16")
         assert fp16["compression"] == "fp16" and fp16["error_feedback"] is False
         assert fp16["payload_bytes_per_step"] == 2 * n_params and fp16["compression_ratio"] == pytest.approx(2.0)
         assert fp16["uncompressed_bytes_per_step"] == 4 * n_params and fp16["fp16_fallbacks"] == 0
-        assert fp16["bytes_sent_per_rank_per_step"] == pytest.approx(ring * 2 * n_params)
-        assert fp16["uncompressed_bytes_sent_per_rank_per_step"] == none["bytes_sent_per_rank_per_step"]
+        assert fp16["ring_bytes_per_rank_per_step"] == pytest.approx(ring * 2 * n_params)
+        assert fp16["uncompressed_ring_bytes_per_rank_per_step"] == none["ring_bytes_per_rank_per_step"]
         _, psgd = train(p, tmp_path, f"psgd{p}", *steps, "--compression", "powersgd:1")
         assert psgd["compression"] == "powersgd:1" and psgd["error_feedback"] is True
         compressed = psgd["compressed_step_bytes"]
         assert compressed < 2 * n_params and psgd["compressed_step_ratio"] == pytest.approx(4 * n_params / compressed)
         assert psgd["payload_bytes_per_step"] * (warm + 4) == pytest.approx(warm * 4 * n_params + 4 * compressed)
         assert psgd["compression_ratio"] == pytest.approx(4 * n_params / psgd["payload_bytes_per_step"])
-        assert psgd["bytes_sent_per_rank_per_step"] == pytest.approx(ring * psgd["payload_bytes_per_step"])
+        assert psgd["ring_bytes_per_rank_per_step"] == pytest.approx(ring * psgd["payload_bytes_per_step"])
         assert psgd["params_identical_across_ranks"] is True
 
 

@@ -156,7 +156,7 @@ class PowerSGD:
 
     def signature(self) -> str:
         return (f"powersgd:{self.rank} error_feedback={_on_off(self.error_feedback)} "
-                f"start_iter={self.start_iter} min_rate={self.min_compression_rate:g} seed={self.seed}")
+                f"start_iter={self.start_iter} min_rate={self.min_compression_rate!r} seed={self.seed}")
 
     def matrix_rank(self, shape: Sequence[int]) -> int:
         """The rank a tensor of `shape` is compressed to, or 0 if it travels uncompressed."""
@@ -342,9 +342,15 @@ class CastEngine:
         residual = None if self.residual is None else self.residual[offset:offset + span.size]
         scale = contributors if op == ops.Average else 1
         cast_with_feedback_(span, residual, scale, payload)
-        with np.errstate(over="ignore"):        # (an overflow is caught just below)
-            reduce(payload, shapes, ops.Sum)
-        if np.isfinite(payload).all():
+        try:
+            with np.errstate(over="ignore"):        # (an overflow is caught just below)
+                reduce(payload, shapes, ops.Sum)
+            finite = bool(np.isfinite(payload).all())
+        except FloatingPointError:
+            # RINGSYNC_CHECK_FINITE: some rank's payload passed float16's range (every rank
+            # raises alike, the payload untouched); the fallback's own call checks the gradient.
+            finite = False
+        if finite:
             np.copyto(span, payload, casting="unsafe")
             return payload.nbytes
         self.fallbacks += 1
@@ -392,9 +398,10 @@ class PowerSGDEngine:
         """Bytes one compressed step all-reduces."""
         return self.p_buffer.nbytes + self.q_buffer.nbytes
 
-    def step_(self, grads: Sequence[np.ndarray], op: str, reduce: Reduce) -> int:
+    def step_(self, grads: Sequence[np.ndarray], op: str, reduce: Reduce, step: int = 0) -> int:
         """Replace `grads` (this rank's, in order) by their compressed all-reduce; returns the
-        bytes all-reduced."""
+        bytes all-reduced. `step`: the optimizer's step number (the same on every rank, and
+        restored on resume), which seeds a Q column that has died (below)."""
         matrices = []
         for (i, n, m, _), p, q in zip(self.low, self.ps, self.qs):
             mat = grads[i].reshape(n, m)           # (a view: gradients are C-contiguous)
@@ -417,8 +424,15 @@ class PowerSGDEngine:
                 np.subtract(mat, e, out=e)
         if self.q_buffer.size:
             reduce(self.q_buffer, self.q_shapes, op)
-        for (_, n, m, r), p, q, mat in zip(self.low, self.ps, self.qs, matrices):
+        for (i, n, m, r), p, q, mat in zip(self.low, self.ps, self.qs, matrices):
             low_rank_product_(p, q, mat, self._scratch[:n * m].reshape(n, m) if r > 1 else None)
+            # A column of Q that came back all zeros (a zero gradient, say) would stay zero under
+            # warm start, and its direction would never be sent again: draw it afresh from the
+            # seed. Q is the all-reduced one, the same bits everywhere: every rank draws alike.
+            dead = ~q.any(axis=0)
+            if dead.any():
+                fresh = np.random.default_rng([self.compressor.seed, i, step]).standard_normal((m, r))
+                q[:, dead] = fresh[:, dead]
         return self.p_buffer.nbytes + self.q_buffer.nbytes
 
 

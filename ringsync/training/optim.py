@@ -199,7 +199,7 @@ class DistributedOptimizer:
             if self._steps < self.compression.start_iter:      # plain steps first (as none)
                 grouped_allreduce_(grads, op=self.op, fusion_bytes=self.fusion_bytes)
                 return self._uncompressed_bytes
-            return engine.step_(list(grads), self.op, self._reduce)
+            return engine.step_(list(grads), self.op, self._reduce, self._steps)
         sent, offset, contributors = 0, 0, size()
         for span, shapes, arrays in self._buckets(grads):
             sent += engine.reduce_bucket_(span, offset, shapes, self.op, contributors, self._reduce)

@@ -446,8 +446,10 @@ def compression_fields(trainer: Trainer) -> dict:
     """The report's compression figures, from the optimizer's compression_report(): the mean
     payload each rank put into the all-reduce per step (PowerSGD's first start_iter steps and
     fp16's fallbacks travel uncompressed, and count), one compressed step's payload, and the
-    bytes the ring sends. Those are computed, not measured: each rank sends 2(p-1)/p x the
-    payload it puts into a ring all-reduce (reduce-scatter, then all-gather): 0 on one rank."""
+    bytes a ring all-reduce of it sends. Those are computed, not measured: in a ring
+    (reduce-scatter, then all-gather) each rank sends 2(p-1)/p x the payload, 0 on one rank;
+    a small payload may take another path (riding the opening, shared memory), whose traffic
+    differs: hence the names say "ring"."""
     got = trainer.optimizer.compression_report()
     ring = 2 * (trainer.size - 1) / trainer.size
     payload, full = float(got["payload_bytes_per_step"]), float(got["uncompressed_bytes_per_step"])
@@ -456,8 +458,8 @@ def compression_fields(trainer: Trainer) -> dict:
         "error_feedback": bool(got["error_feedback"]),
         "payload_bytes_per_step": payload,
         "uncompressed_bytes_per_step": full,
-        "bytes_sent_per_rank_per_step": ring * payload,
-        "uncompressed_bytes_sent_per_rank_per_step": ring * full,
+        "ring_bytes_per_rank_per_step": ring * payload,
+        "uncompressed_ring_bytes_per_rank_per_step": ring * full,
         "compression_ratio": float(got["compression_ratio"]),
         "fp16_fallbacks": int(got["fp16_fallbacks"]),
     }
@@ -568,7 +570,8 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "resumed_from_step": first_step if args.resume else None,
         "ranks": ranks,
     }
-    report.update(compression_fields(trainer))
+    if args.sync.kind == "bsp":         # (the other modes make no such all-reduce per step)
+        report.update(compression_fields(trainer))
     merge_report(report, straggler_report)   # ranks[i].compute_s/wait_s/..., "straggler"
     report.update(sync_fields)               # sync, curve, *_to_accuracy, and the mode's own
     if rs.rank() == 0:
@@ -583,7 +586,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
                 print(f"{PROG}: --compression {report['compression']}: {report['payload_bytes_per_step']:,.0f} "
                       f"payload bytes/step on average ({report['compression_ratio']:.3g}x fewer than "
                       f"{report['uncompressed_bytes_per_step']:,.0f}); the ring sends "
-                      f"{report['bytes_sent_per_rank_per_step']:,.0f} per rank per step", flush=True)
+                      f"{report['ring_bytes_per_rank_per_step']:,.0f} per rank per step", flush=True)
             if straggler_report:
                 print(sync.format_timing(straggler_report), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
