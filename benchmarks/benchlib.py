@@ -4,6 +4,7 @@ K/M/G suffixes, interleaved timing, machine description, atomic JSON/CSV writes,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -12,15 +13,15 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ringsync.cli import OneLineParser, float_at_least, int_at_least
+from ringsync.cli import SIZE_SUFFIX as _SUFFIX
+from ringsync.cli import OneLineParser, float_at_least, int_at_least, parse_size
 from ringsync.files import atomic_write, atomic_write_text
-
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 # nccl-tests' type names, and NumPy's, for -d.
 DTYPE_NAMES = {
@@ -47,20 +48,6 @@ def fail(message: str, rank: int | None = None) -> None:
     if rank == 0:
         print(message.splitlines()[0] if message else "error", file=sys.stderr)
     sys.exit(2)
-
-
-def parse_size(text: str) -> int:
-    """'4K' -> 4096, '64M' -> 67108864, '100' -> 100 (binary suffixes, as nccl-tests)."""
-    t = str(text).strip().upper().removesuffix("B")
-    suffix = t[-1:] if t[-1:] in _SUFFIX and t[-1:] != "" else ""
-    number = t[:-1] if suffix else t
-    try:
-        value = int(number) * _SUFFIX[suffix]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 4096, 4K, 64M, 1G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
-    return value
 
 
 def parse_dtype(text: str) -> np.dtype:
@@ -311,3 +298,26 @@ def train_supports(flag: str) -> bool:
                           env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")))
     return flag in done.stdout
+
+
+@contextlib.contextmanager
+def cluster_jobs(prog: str, prefix: str) -> Iterator[tuple[str, Path]]:
+    """For a benchmark across emulated hosts (ringsync.cluster): (this venv's MPI, a folder for
+    the jobs' files outside /tmp, as every emulated host has a /tmp of its own), the folder
+    removed afterwards. A machine that cannot emulate hosts, or a ClusterError inside, exits 2
+    with one line."""
+    from ringsync.cluster import ClusterError, launch
+    from ringsync.cluster import hosts as cluster_hosts
+    try:
+        cluster_hosts.check_can_emulate()
+        mpi, _ = launch.launcher_of(None)
+    except (ClusterError, ValueError) as exc:
+        fail(f"{prog}: error: {exc}")
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    try:
+        yield mpi, folder
+    except ClusterError as exc:
+        fail(f"{prog}: error: {exc}")
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)

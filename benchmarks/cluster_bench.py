@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +35,6 @@ import benchlib as bl
 
 from ringsync import cli as ringsync_cli
 from ringsync.cluster import Cluster, ClusterError, ClusterSpec, launch
-from ringsync.cluster import hosts as cluster_hosts
 
 IMPL_NAMES = {"ringsync": "ringsync", "teaching": "flat ring (p2p)", "mpi": "mpi"}
 
@@ -180,18 +177,8 @@ def draw(ax, configs: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cluster_hosts.check_can_emulate()
-        mpi, _ = launch.launcher_of(None)
-    except (ClusterError, ValueError) as exc:
-        bl.fail(f"cluster_bench.py: error: {exc}")
-    folder = Path(tempfile.mkdtemp(prefix="ringsync-cluster-bench-", dir="/var/tmp"))
-    try:
+    with bl.cluster_jobs("cluster_bench.py", "ringsync-cluster-bench-") as (mpi, folder):
         configs = measure(args, mpi, folder)
-    except ClusterError as exc:
-        bl.fail(f"cluster_bench.py: error: {exc}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     text = "\n\n".join(table(c) for c in configs) + "\n"
     bl.write_atomic(args.out + ".txt", f"# {' '.join(['cluster_bench.py', *(argv or sys.argv[1:])])}\n" + text)
     bl.write_json(args.out + ".json", {"benchmark": "cluster_bench", "configs": configs})

@@ -40,9 +40,7 @@ import dataclasses
 import itertools
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -549,18 +547,10 @@ def cluster_main(args, argv: list[str]) -> int:
     import json
 
     from ringsync.cluster import Cluster, ClusterError, ClusterSpec, launch
-    from ringsync.cluster import hosts as cluster_hosts
 
     hosts, per_host = args.shape
-    try:
-        cluster_hosts.check_can_emulate()
-        mpi, _ = launch.launcher_of(None)
-    except (ClusterError, ValueError) as exc:
-        bl.fail(f"{PROG}: error: {exc}")
-    # Job files outside /tmp: every emulated host has a /tmp of its own.
-    folder = Path(tempfile.mkdtemp(prefix="ringsync-compression-", dir="/var/tmp"))
     configs, text = [], [f"# {' '.join([PROG, *argv])}"]
-    try:
+    with bl.cluster_jobs(PROG, "ringsync-compression-") as (mpi, folder):
         for rate in args.rate_list:
             tag = f"{hosts}x{per_host}-{rate or 'unshaped'}"
             with Cluster.up(ClusterSpec([per_host] * hosts, rate_bps=rate)) as cluster:
@@ -578,10 +568,6 @@ def cluster_main(args, argv: list[str]) -> int:
             block = config_lines(config)
             text += ["", *block]
             print("\n".join(block), flush=True)
-    except ClusterError as exc:
-        bl.fail(f"{PROG}: error: {exc}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     summary, lines = summarize(configs, hosts, args.wire_size)
     text += ["", *lines]
     print("\n".join(lines), flush=True)

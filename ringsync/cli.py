@@ -76,3 +76,20 @@ def parse_rate(text: str) -> int | None:
     if not m:
         raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 100mbit, 1gbit, 10gbit, none)")
     return int(float(m.group(1)) * RATE_UNITS[m.group(2)])
+
+
+SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4K' -> 4096, '64M' -> 67108864, '100' -> 100 (binary suffixes, as nccl-tests)."""
+    t = str(text).strip().upper().removesuffix("B")
+    suffix = t[-1:] if t[-1:] in SIZE_SUFFIX and t[-1:] != "" else ""
+    number = t[:-1] if suffix else t
+    try:
+        value = int(number) * SIZE_SUFFIX[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 4096, 4K, 64M, 1G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return value

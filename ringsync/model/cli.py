@@ -15,13 +15,13 @@ import math
 import sys
 from collections.abc import Sequence
 
-from ..cli import OneLineParser, fail, float_at_least, int_at_least
+from ..cli import OneLineParser, fail, float_at_least, int_at_least, parse_size
 from ..config import Settings
 from ..files import atomic_write, atomic_write_text
 from . import algorithms as alg
 from . import simulate
 from .fit import fit, read, residuals
-from .inputs import PROG, algorithm_name, calibration_of, list_of, p_count, parse_size, rate, write_or_fail
+from .inputs import PROG, algorithm_name, calibration_of, list_of, p_count, rate, write_or_fail
 from .params import Calibration, Topology
 
 

@@ -11,21 +11,6 @@ from .params import Calibration
 
 PROG = "ringsync-model"
 MAX_P = 4096
-SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B")
-    suffix = t[-1:] if t[-1:] in "KMG" and t[-1:] else ""
-    try:
-        value = int(t[:-1] if suffix else t) * SUFFIX[suffix]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 4K, 64M)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be > 0, got {text!r}")
-    return value
-
-
 def list_of(parse):
     def parse_list(text: str) -> list:
         items = [parse(item) for item in text.split(",") if item.strip()]

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import fail, int_at_least
+from ..cli import fail, int_at_least, parse_size
 from ..files import atomic_write_text
 from . import algorithms as alg
-from .inputs import calibration_of, list_of, p_count, parse_size, rate, write_or_fail
+from .inputs import calibration_of, list_of, p_count, rate, write_or_fail
 from .params import Topology
 
 PROG = "ringsync-model train"
