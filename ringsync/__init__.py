@@ -38,6 +38,9 @@ _API = {
     ".uneven": ("join",),
     ".agreement": ("MismatchError",),
     ".transport.shm": ("PeerFailedError",),
+    # The asynchronous API: start now, synchronize later
+    ".handles": ("Handle", "allreduce_async", "allreduce_async_", "grouped_allreduce_async_",
+                 "poll", "synchronize"),
     # Tensor fusion
     ".fusion": ("FlatBuffer", "grouped_allreduce", "grouped_allreduce_"),
     # Training
@@ -88,6 +91,9 @@ __all__ = [
     # collectives
     "allreduce", "allreduce_", "allreduce_fused_", "broadcast", "broadcast_", "allgather",
     "barrier", "join", "Sum", "Average", "Min", "Max", "MismatchError", "PeerFailedError",
+    # the asynchronous API
+    "allreduce_async_", "allreduce_async", "grouped_allreduce_async_", "poll", "synchronize",
+    "Handle",
     # tensor fusion
     "grouped_allreduce", "grouped_allreduce_", "FlatBuffer",
     # training

@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from enum import IntEnum, IntFlag
+from threading import get_ident
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +53,7 @@ from . import ops
 from .algorithms.ring import ring_allgather_
 from .choice import MAX_PAYLOAD_BYTES
 from .config import Settings
+from .transport.p2p import is_patient, sendrecv
 from .transport.shm import NodeSegment
 
 
@@ -169,6 +171,7 @@ class Checker:
         # On with either check (a NaN found on one rank must reach them all); off on one rank.
         self.enabled = (settings.check_agreement or settings.check_finite) and p > 1
         self.finite = settings.check_finite
+        self.comm_thread = None  # the asynchronous API's thread and queue, once started (handles.py)
         self.calls = 0          # collective calls made on this rank: the call-order check
         self.call = 0           # the call counter when the current call was armed
         self._key: tuple = ()
@@ -208,7 +211,13 @@ class Checker:
             root: int = -1, group: int = 1, layout: int = 0, place: int = 0,
             name: str | None = None) -> Checker | None:
         """Count this call and note its signature (the fields of a Call); returns the guard
-        for the algorithm, or None if the check is off."""
+        for the algorithm, or None if the check is off.
+
+        Asynchronous calls in flight (handles.py) run first: a call from any other thread
+        than the communication thread waits for them here, so it comes after them."""
+        queue = self.comm_thread
+        if queue is not None and queue.pending and queue.ident != get_ident():
+            queue.wait_idle()
         self.calls += 1
         if not self.enabled:
             return None
@@ -263,8 +272,12 @@ class Checker:
         lo, hi = self._digest
         TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags)
         relayed = False
+        exchange = sendrecv if is_patient() else None     # (the communication thread: handles.py)
         for send, dest, recv, source, expected in plan:
-            comm.Sendrecv([send, _BYTE], dest, OPENING_TAG, [recv, _BYTE], source, OPENING_TAG, status)
+            if exchange is None:        # (hot path) the blocking call itself
+                comm.Sendrecv([send, _BYTE], dest, OPENING_TAG, [recv, _BYTE], source, OPENING_TAG, status)
+            else:
+                exchange(comm, send, dest, recv, source, OPENING_TAG, OPENING_TAG, status)
             if status.Get_count(_BYTE) != expected and not relayed:
                 relayed = True      # a neighbour in another call: say so to whoever we forward to
                 TRAILER.pack_into(blocks, trailer, lo, hi, self.call, self.flags | Flag.RELAYED)

@@ -81,6 +81,7 @@ TRANSPORTS = ("auto", "p2p", "shm")
 DEFAULT_SMALL_BYTES = 16 * 1024
 DEFAULT_SEGMENT_BYTES = 512 * 1024
 DEFAULT_FUSION_BYTES = 64 * 1024 * 1024
+DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024       # PyTorch DDP's first bucket
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Settings:
     check_agreement: bool = True               # RINGSYNC_CHECK_AGREEMENT
     check_finite: bool = False                 # RINGSYNC_CHECK_FINITE
     fusion_threshold: int = DEFAULT_FUSION_BYTES  # RINGSYNC_FUSION_THRESHOLD (0: no fusion)
+    first_bucket_bytes: int = DEFAULT_FIRST_BUCKET_BYTES  # RINGSYNC_FIRST_BUCKET_BYTES: backward buckets
     timing: str = "passive"                    # RINGSYNC_TIMING
     timing_every: int = 1000                   # RINGSYNC_TIMING_EVERY
     cuda_aware: str = "auto"                   # RINGSYNC_CUDA_AWARE: auto, 0 or 1
@@ -113,6 +115,7 @@ class Settings:
             check_agreement=env_bool("RINGSYNC_CHECK_AGREEMENT", True),
             check_finite=env_bool("RINGSYNC_CHECK_FINITE", False),
             fusion_threshold=env_int("RINGSYNC_FUSION_THRESHOLD", DEFAULT_FUSION_BYTES),
+            first_bucket_bytes=env_int("RINGSYNC_FIRST_BUCKET_BYTES", DEFAULT_FIRST_BUCKET_BYTES),
             timing=env_str("RINGSYNC_TIMING", "passive", TIMING_MODES),
             timing_every=env_int("RINGSYNC_TIMING_EVERY", 1000),
             cuda_aware=env_str("RINGSYNC_CUDA_AWARE", "auto", ("auto", "0", "1")),

@@ -28,6 +28,7 @@ from .config import Settings
 
 if TYPE_CHECKING:
     from .agreement import Checker
+    from .handles import CommThread
     from .model.tuner import Tuner
     from .stall import Inspector
     from .transport.shm import NodeSegment, SharedWindow
@@ -53,6 +54,10 @@ class World:
         # the algorithm is auto's choice and there is an opening (more than 1 rank; else -1).
         self.riding_bytes = -1
         self.checker: Checker | None = None
+        # The asynchronous API (handles.py): MPI's thread level, read at init(), and the
+        # communication thread, started by the first asynchronous call.
+        self.thread_level: int = MPI.THREAD_SINGLE
+        self.comm_thread: CommThread | None = None
         self.inspector: Inspector | None = None
         # RINGSYNC_MODEL: the cost model that picks each all-reduce's algorithm (model/tuner.py),
         # pricing this World's hosts (`node_sizes`: ranks per node, in rank order); else None.
@@ -90,6 +95,9 @@ class World:
         return view
 
     def free(self) -> None:
+        if self.comm_thread is not None:
+            self.comm_thread.stop()
+            self.comm_thread = None
         if self.inspector is not None:
             self.inspector.stop()
         self.free_shared_memory()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import config, context, stall
+from . import config, context, handles, stall
 from .agreement import Checker
 from .algorithms.ring import ring_allgather_
 from .transport.shm import NodeSegment, node_communicator
@@ -62,15 +62,22 @@ def init(comm: MPI.Comm | None = None) -> None:
             w.riding_bytes = w.tuner.riding_limit()     # (what the model rides, straight on)
     elif w.size > 1 and w.settings.allreduce == "auto":
         w.riding_bytes = w.checker.payload_limit
+    w.thread_level = MPI.Query_thread()     # (the asynchronous API needs MULTIPLE: handles.py)
     w.inspector = stall.start(w)
     context.set_world(w)
     context.install_abort_hook()
 
 
 def shutdown() -> None:
-    """Release ringsync's communicators; init() may be called again afterwards."""
+    """Release ringsync's communicators; init() may be called again afterwards.
+
+    Collective. It first waits for the asynchronous calls in flight; if any rank has handles
+    it has not synchronized, every rank raises (RuntimeError, or MismatchError naming the
+    ranks), and ringsync stays initialized (handles.py)."""
     if context.is_initialized():
-        context.world().free()
+        w = context.world()
+        handles.close(w)
+        w.free()
         context.set_world(None)
 
 

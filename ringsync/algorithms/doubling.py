@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from ..transport.p2p import BYTE
+from ..transport.p2p import recv, send, sendrecv
 
 
 @lru_cache(maxsize=256)
@@ -54,7 +54,7 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
     if p == 2:
         # Two ranks, the common case, spelled out: one swap, one reduce (no plan to look up).
         partner = 1 - r
-        comm.Sendrecv([buf, BYTE], dest=partner, recvbuf=[scratch, BYTE], source=partner)
+        sendrecv(comm, buf, partner, scratch, partner)
         if r == 1:
             reduce(scratch, buf, out=buf)   # lower rank's data first
         else:
@@ -64,16 +64,16 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
 
     # Fold: among the first 2*rem ranks, evens give their data to the odd rank above them.
     if gives_to >= 0:
-        comm.Send([buf, BYTE], dest=gives_to)
-        comm.Recv([buf, BYTE], source=gives_to)     # ... and, at the end, get the result back
+        send(comm, buf, gives_to)
+        recv(comm, buf, gives_to)     # ... and, at the end, get the result back
         return buf
     if takes_from >= 0:
-        comm.Recv([scratch, BYTE], source=takes_from)
+        recv(comm, scratch, takes_from)
         reduce(scratch, buf, out=buf)       # lower rank's data first
 
     # Double: swap whole buffers with each partner in turn, reducing in rank order.
     for partner in partners:
-        comm.Sendrecv([buf, BYTE], dest=partner, recvbuf=[scratch, BYTE], source=partner)
+        sendrecv(comm, buf, partner, scratch, partner)
         if partner < r:
             reduce(scratch, buf, out=buf)
         else:
@@ -81,5 +81,5 @@ def recursive_doubling_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.uf
 
     # Unfold: the rank that sat out gets the finished result, a copy of ours.
     if takes_from >= 0:
-        comm.Send([buf, BYTE], dest=takes_from)
+        send(comm, buf, takes_from)
     return buf

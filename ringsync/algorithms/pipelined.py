@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from ..transport.p2p import BYTE
+from ..transport.p2p import BYTE, wait, waitall
 from .ring import chunk_bounds, ring_allgather_
 
 
@@ -69,10 +69,10 @@ def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
             if i + 1 < len(mine_segments):
                 nxt = mine_segments[i + 1]
                 pending = comm.Irecv([slots[(i + 1) % 2][:nxt.stop - nxt.start], BYTE], source=left)
-            arrived.Wait()
+            wait(arrived)
             mine = buf[seg]
             reduce(mine, incoming, out=mine)
-        MPI.Request.Waitall(sends)
+        waitall(sends)
 
     ring_allgather_([buf[s] for s in chunk_slices], comm, owned=(r + 1) % p)
     return buf

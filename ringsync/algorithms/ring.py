@@ -32,8 +32,9 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
-# Messages travel as raw bytes ([array, BYTE]): MPI only moves them (transport/p2p.py).
-from ..transport.p2p import BYTE
+# Messages travel as raw bytes: MPI only moves them (transport/p2p.py's sendrecv is
+# comm.Sendrecv, with the communication thread's patient waits: handles.py).
+from ..transport.p2p import sendrecv
 
 # Optional callback for teaching tools: observe(phase, step) after every step.
 Observer = Callable[[str, int], None]
@@ -80,7 +81,7 @@ def ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
         outgoing = chunks[(r - step) % p]
         mine = chunks[(r - step - 1) % p]
         incoming = scratch[:mine.size]
-        comm.Sendrecv([outgoing, BYTE], dest=right, recvbuf=[incoming, BYTE], source=left)
+        sendrecv(comm, outgoing, right, incoming, left)
         reduce(mine, incoming, out=mine)
         if observe:
             observe("reduce-scatter", step)
@@ -103,6 +104,6 @@ def ring_allgather_(chunks: list[np.ndarray], comm: MPI.Comm, owned: int,
         # Send the newest finished chunk on; receive the next one straight into place.
         outgoing = chunks[(owned - step) % p]
         incoming = chunks[(owned - step - 1) % p]
-        comm.Sendrecv([outgoing, BYTE], dest=right, recvbuf=[incoming, BYTE], source=left)
+        sendrecv(comm, outgoing, right, incoming, left)
         if observe:
             observe("all-gather", step)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ..transport.p2p import BYTE
+from ..transport.p2p import recv, send, sendrecv
 
 _EMPTY = np.empty(0, dtype=np.uint8)
 
@@ -25,14 +25,14 @@ def tree_broadcast_(buf: np.ndarray, comm: MPI.Comm, root: int) -> np.ndarray:
     mask = 1
     while mask < p:
         if vrank & mask:
-            comm.Recv([buf, BYTE], source=(vrank - mask + root) % p)
+            recv(comm, buf, (vrank - mask + root) % p)
             break
         mask <<= 1
     # Then pass it on to the children, vrank + mask/2, vrank + mask/4, ..., vrank + 1.
     mask >>= 1
     while mask > 0:
         if vrank + mask < p:
-            comm.Send([buf, BYTE], dest=(vrank + mask + root) % p)
+            send(comm, buf, (vrank + mask + root) % p)
         mask >>= 1
     return buf
 
@@ -46,6 +46,5 @@ def dissemination_barrier(comm: MPI.Comm) -> None:
     p, r = comm.Get_size(), comm.Get_rank()
     distance = 1
     while distance < p:
-        comm.Sendrecv(_EMPTY, dest=(r + distance) % p, recvbuf=_EMPTY,
-                      source=(r - distance) % p)
+        sendrecv(comm, _EMPTY, (r + distance) % p, _EMPTY, (r - distance) % p)
         distance <<= 1

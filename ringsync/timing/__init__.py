@@ -36,6 +36,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from threading import get_ident
 from typing import Any
 
 import numpy as np
@@ -45,12 +46,17 @@ from ..collectives import allgather, barrier
 from ..context import world
 from . import timeline
 from .inject import Delays, parse_jitter, parse_straggler
-from .straggler import split_steps, straggler_report
+from .straggler import overlap_report, split_steps, straggler_report
 
 MODES = ("off", "passive", "barrier")
 DEFAULT_MODE = config.Settings.timing          # RINGSYNC_TIMING's default
 
 now = time.perf_counter     # one monotonic clock per process; never compared across ranks
+
+# A step's raw row: step_s, barrier_s, collective_s (the straggler split's inputs), then the
+# communication thread's time in the step (comm_s) and the part of it that ran before the
+# step's compute ended (hidden_s): the asynchronous API's overlap (handles.py).
+ROW = 5
 
 
 @dataclass
@@ -74,16 +80,23 @@ class Recorder:
         self.mode, self.every, self.timeline = mode, every, timeline
         self.step = 0
         self.start_t: float | None = None      # None outside a step: probes then stay quiet
-        self.pending: list[tuple[float, float, float]] = []   # (step_s, barrier_s, collective_s)
-        self.blocks: list[np.ndarray] = []     # gathered (ranks, k, 3) arrays, in step order
+        self.pending: list[tuple[float, ...]] = []   # ROW values per step (see ROW)
+        self.blocks: list[np.ndarray] = []     # gathered (ranks, k, ROW) arrays, in step order
         self.spans: list[tuple[str, float, float, int]] = []  # (name, t0, t1, step), local clock
+        self.owner = get_ident()               # the thread that times steps (not the communication thread)
+        self.thread_spans: list[tuple[float, float]] = []      # this step's, from the communication thread
+        self.compute_end: float | None = None
 
     def begin_step(self) -> None:
         self.start_t = now()
         self.barrier_s = self.collective_s = 0.0
         self.synced = False
+        self.thread_spans = []
+        self.compute_end = None
 
     def collective(self, fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
+        if get_ident() != self.owner:          # the communication thread: thread_span times it
+            return fn(*args, **(kwargs or {}))
         t0 = now()
         if not self.synced:                    # the step's first collective: its sync point
             self.synced = True
@@ -110,7 +123,12 @@ class Recorder:
             raise RuntimeError("timing.end_step() without a matching begin_step()")
         t = now()
         self._span("step", self.start_t, t)
-        row = (t - self.start_t, self.barrier_s, self.collective_s)
+        # The communication thread's calls of this step: all finished by now (step() waits
+        # for them); hidden is their part before the compute ended, the rest was exposed.
+        spans, cut = self.thread_spans, self.compute_end if self.compute_end is not None else t
+        comm_s = sum(t1 - t0 for t0, t1 in spans)
+        hidden_s = sum(max(0.0, min(t1, cut) - t0) for t0, t1 in spans)
+        row = (t - self.start_t, self.barrier_s, self.collective_s, comm_s, hidden_s)
         self.pending.append(row)
         self.start_t = None
         if _local_hooks:
@@ -125,19 +143,19 @@ class Recorder:
     def gather(self) -> None:
         """Share the pending rows among ranks (ringsync's allgather), then call gathered hooks."""
         w = world()
-        mine = np.array(self.pending, dtype=np.float64).reshape(-1, 3)
+        mine = np.array(self.pending, dtype=np.float64).reshape(-1, ROW)
         counts = allgather(np.array([len(mine)], dtype=np.int64))
         if (counts != counts[0]).any():        # every rank sees this, so every rank raises
             raise RuntimeError(f"timing: ranks recorded different numbers of steps {counts.tolist()}; "
                                "begin_step/end_step must run equally often on every rank")
-        block = allgather(mine).reshape(w.size, -1, 3)
+        block = allgather(mine).reshape(w.size, -1, ROW)
         self.pending.clear()
         if not block.shape[1]:
             return
         self.blocks.append(block)
         if _gathered_hooks and w.rank == 0:
             first = self.step - block.shape[1]
-            compute, wait, transfer = split_steps(*block.transpose(2, 0, 1), self.mode)
+            compute, wait, transfer = split_steps(*block.transpose(2, 0, 1)[:3], self.mode)
             for k in range(block.shape[1]):
                 records = [StepRecord(first + k, r, float(block[r, k, 0]), float(compute[r, k]),
                                       float(wait[r, k]), float(transfer[r, k])) for r in range(w.size)]
@@ -145,9 +163,9 @@ class Recorder:
                     fn(records)
 
     def table(self) -> np.ndarray:
-        """All gathered steps as one (ranks, steps, 3) array of (step_s, barrier_s, collective_s)."""
+        """All gathered steps as one (ranks, steps, ROW) array (see ROW)."""
         if not self.blocks:
-            return np.zeros((world().size, 0, 3))
+            return np.zeros((world().size, 0, ROW))
         return np.concatenate(self.blocks, axis=1)
 
 
@@ -260,6 +278,32 @@ def end_step() -> None:
         _rec.end_step()
 
 
+def compute_done() -> None:
+    """Mark the end of this step's compute (the backward pass): the communication thread's
+    time after it is exposed, before it hidden (the overlap report)."""
+    rec = _rec
+    if rec is not None and rec.start_t is not None:
+        rec.compute_end = now()
+
+
+def synchronizing(fn: Callable[[], Any]) -> Any:
+    """Run fn(), the wait for a step's asynchronous calls, as the step's synchronization
+    point: its time counts as the step's all-reduce time (where the straggler split looks)."""
+    rec = _rec
+    if rec is None or rec.start_t is None:
+        return fn()
+    return rec.collective(fn, ())
+
+
+def thread_span(name: str, t0: float, t1: float) -> None:
+    """From the communication thread: one asynchronous call ran from t0 to t1."""
+    rec = _rec
+    if rec is not None and rec.start_t is not None:
+        rec.thread_spans.append((t0, t1))
+        if rec.timeline:
+            rec.spans.append((timeline.THREAD_PREFIX + name, t0, t1, rec.step))
+
+
 def mark(name: str, t0: float) -> None:
     """Record a span `name` from `t0` (a timing.now() reading) to now, for the timeline."""
     rec = _rec
@@ -325,6 +369,8 @@ def finish() -> dict[str, Any] | None:
     rec.gather()
     table = rec.table()
     report = straggler_report(table[..., 0], table[..., 1], table[..., 2], rec.mode)
+    if table[..., 3].any():
+        report["overlap"] = overlap_report(table[..., 3], table[..., 4])
     if rec.timeline:
         timeline.write_merged(rec.timeline, rec.spans, report["straggler"])
     return report

@@ -57,6 +57,22 @@ def straggler_report(step_s: np.ndarray, barrier_s: np.ndarray, collective_s: np
     }
 
 
+def overlap_report(comm_s: np.ndarray, hidden_s: np.ndarray) -> dict[str, Any]:
+    """The communication thread's time per rank and step (comm_s), split into the part that
+    ran during the step's compute (hidden) and after it (exposed): (ranks, steps) arrays."""
+    comm_s, hidden_s = np.asarray(comm_s, dtype=np.float64), np.asarray(hidden_s, dtype=np.float64)
+    exposed_s = comm_s - hidden_s
+    total = float(comm_s.sum())
+    per_step = {name: [[round(float(v), 6) for v in row] for row in a]
+                for name, a in (("comm_s", comm_s), ("hidden_s", hidden_s), ("exposed_s", exposed_s))}
+    return {
+        "ranks": [{"rank": r, "comm_s": float(comm_s[r].sum()), "hidden_s": float(hidden_s[r].sum()),
+                   "exposed_s": float(exposed_s[r].sum())} for r in range(comm_s.shape[0])],
+        "hidden_fraction": float(hidden_s.sum()) / total if total > 0 else 0.0,
+        "per_step": per_step,
+    }
+
+
 def merge_report(doc: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
     """Put the straggler report into a report JSON document: the timing fields into each
     doc["ranks"][i] (created if missing) and the `straggler` block at the top. Returns doc."""
@@ -67,6 +83,8 @@ def merge_report(doc: dict[str, Any], report: dict[str, Any] | None) -> dict[str
     for row, timing_row in zip(rows, report["ranks"]):
         row.update(timing_row)
     doc["straggler"] = report["straggler"]
+    if "overlap" in report:
+        doc["overlap"] = report["overlap"]
     return doc
 
 
@@ -84,4 +102,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"slowest rank: {st['slowest_rank']}{host} (the last to arrive in {slow} of {steps} steps)")
     lines.append(f"straggler cost: {st['cost_s']:.4f} rank-seconds spent waiting = "
                  f"{100 * st['cost_fraction']:.1f}% of {p} rank(s) x {st['wall_s']:.3f} s")
+    return "\n".join(lines)
+
+
+def format_overlap(overlap: dict[str, Any]) -> str:
+    """The overlap block as text: per rank the communication thread's time, hidden and exposed."""
+    lines = [(f"overlap: {100 * overlap['hidden_fraction']:.1f}% of the communication thread's time "
+             "ran during backward (hidden)"),
+             f"{'rank':>5} {'comm_s':>10} {'hidden_s':>10} {'exposed_s':>10}"]
+    for row in overlap["ranks"]:
+        lines.append(f"{row['rank']:>5} {row['comm_s']:>10.4f} {row['hidden_s']:>10.4f} {row['exposed_s']:>10.4f}")
     return "\n".join(lines)

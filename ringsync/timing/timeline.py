@@ -25,6 +25,7 @@ from ..context import world
 from ..files import atomic_write_text
 
 Span = tuple[str, float, float, int]     # (name, start, end, step), seconds on the local clock
+THREAD_PREFIX = "comm: "    # a span of the communication thread (handles.py): a track of its own
 _TAG = 4242                              # a tag of its own on ringsync's private communicator
 
 
@@ -91,14 +92,20 @@ def trace_events(per_rank: list[list[Span]], offsets: np.ndarray) -> list[dict[s
     origin = min((s[1] for spans in shifted for s in spans), default=0.0)
     events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0,
                                      "args": {"name": "ringsync"}}]
+    p = len(shifted)
     for r, spans in enumerate(shifted):
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r,
-                       "args": {"name": f"rank {r}"}})
-        events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r,
-                       "args": {"sort_index": r}})
+        # Track r: the rank's own thread; track p + r, when it has any, its communication thread.
+        threaded = any(name.startswith(THREAD_PREFIX) for name, *_ in spans)
+        for tid, label in ((r, f"rank {r}"), (p + r, f"rank {r} communication thread"))[:1 + threaded]:
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": label}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
+                           "args": {"sort_index": 2 * r + (tid != r)}})
         for name, t0, t1, step in sorted(spans, key=lambda s: (s[1], -s[2])):
+            tid = r
+            if name.startswith(THREAD_PREFIX):
+                name, tid = name[len(THREAD_PREFIX):], p + r
             events.append({"name": name, "cat": "step" if name == "step" else "phase", "ph": "X",
-                           "pid": 0, "tid": r, "ts": round((t0 - origin) * 1e6, 3),
+                           "pid": 0, "tid": tid, "ts": round((t0 - origin) * 1e6, 3),
                            "dur": round((t1 - t0) * 1e6, 3), "args": {"step": step}})
     return events
 

@@ -10,7 +10,7 @@ Shapes: a batch x is (n, features); a Linear layer holds W (in, out) and b (out,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,33 @@ class Params:
         self._grads = FlatBuffer(shapes, dtype, xp, shared=shared_grads)
         self.value = dict(zip(self.names, self._values.views))
         self.grad = dict(zip(self.names, self._grads.views))
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.offsets = self._grads.offsets      # parameter i is flat[offsets[i]:offsets[i + 1]]
+        self._grad_hooks: list[Callable[[list[str]], None]] = []
+
+    # Gradient hooks: a model's backward announces each layer's gradients the moment they are
+    # written (grads_ready), last layer first; DistributedOptimizer(overlap=True) listens, and
+    # starts a bucket's all-reduce as soon as its last gradient is in (training/overlap.py).
+
+    def add_grad_hook(self, fn: Callable[[list[str]], None]) -> None:
+        """Call fn(names) whenever backward has written the gradients of `names`."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self._grad_hooks.append(fn)
+
+    def remove_grad_hook(self, fn: Callable[[list[str]], None]) -> None:
+        while fn in self._grad_hooks:
+            self._grad_hooks.remove(fn)
+
+    @property
+    def announces_grads(self) -> bool:
+        """Whether anyone listens to grads_ready (a model may skip the calls otherwise)."""
+        return bool(self._grad_hooks)
+
+    def grads_ready(self, names: list[str]) -> None:
+        """Backward has just written the gradients of `names`: tell the hooks."""
+        for fn in self._grad_hooks:
+            fn(names)
 
     @property
     def data(self):
@@ -60,6 +87,7 @@ class Linear:
     """y = x W + b, with W and b views into the model's Params."""
 
     def __init__(self, params: Params, name: str, xp=np) -> None:
+        self.params, self.names = params, [f"{name}.weight", f"{name}.bias"]
         self.W, self.b = params.value[f"{name}.weight"], params.value[f"{name}.bias"]
         self.dW, self.db = params.grad[f"{name}.weight"], params.grad[f"{name}.bias"]
         self.xp = xp
@@ -76,6 +104,8 @@ class Linear:
         """
         self.dW[...] = self.x.T @ dy
         self.db[...] = dy.sum(axis=0)
+        if self.params.announces_grads:     # dW, db are final: their all-reduce may start now
+            self.params.grads_ready(self.names)
         return dy @ self.W.T if input_grad else None
 
 

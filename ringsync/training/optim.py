@@ -16,8 +16,9 @@ import numpy as np
 from .. import ops
 from ..agreement import MismatchError
 from ..collectives import allreduce_, allreduce_fused_, broadcast_, check_inplace
-from ..context import size
+from ..context import size, world
 from ..fusion import FlatViews, contiguous_span, fusion_threshold, grouped_allreduce_, plan_buckets
+from ..handles import Handle, bucket_allreduce_async_, start
 from ..transport.gpu import is_device_array
 from .compression import (
     CastCompression,
@@ -30,6 +31,7 @@ from .compression import (
     check_gradient,
 )
 from .nn import Params
+from .overlap import Bucket, Reducer
 
 
 class SGD:
@@ -94,16 +96,36 @@ class DistributedOptimizer:
     compressor's signature makes ranks that differ (compressor, rank, error feedback, ...)
     raise MismatchError, all of them, before any gradient is sent (with the agreement check
     on: RINGSYNC_CHECK_AGREEMENT, the default).
+
+    `overlap=True` (training/overlap.py, docs/overlap.md) starts each gradient bucket's
+    all-reduce during backward, as soon as its last gradient is written; step() then waits
+    only for what is still in flight. The buckets run from the last parameter to the first,
+    the first one RINGSYNC_FIRST_BUCKET_BYTES, the others up to the fusion threshold.
+    `buckets` picks the plan without overlap: "fused" (the default: the fusion threshold's
+    buckets, in parameter order) or "backward" (overlap's buckets, reduced after backward:
+    the same bits as overlap=True). `backward_passes_per_step=k` (Horovod's name) and
+    no_sync() accumulate backward passes and reduce their mean once. These three need a
+    ringsync.training.nn Params whose model announces its gradients (the MLP does).
     """
 
     def __init__(self, optimizer: SGD, op: str = ops.Average, fusion_bytes: int | None = None,
-                 compression: Compressor = Compression.none) -> None:
+                 compression: Compressor = Compression.none, overlap: bool = False,
+                 backward_passes_per_step: int = 1, buckets: str | None = None) -> None:
         if not hasattr(optimizer, "step") or not hasattr(optimizer, "params"):
             raise TypeError(f"optimizer must have .step() and .params, got {type(optimizer).__name__}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
+        passes = backward_passes_per_step
+        if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+            raise ValueError(f"backward_passes_per_step must be a whole number >= 1, got {passes!r}")
+        buckets = ("backward" if overlap else "fused") if buckets is None else buckets
+        if buckets not in ("fused", "backward") or (overlap and buckets != "backward"):
+            raise ValueError(f"buckets must be 'fused' or 'backward' ('backward' with overlap=True), got {buckets!r}")
         self.optimizer = optimizer
         self.op = ops.resolve_op(op)
         self.fusion_bytes = fusion_bytes
         self.compression = check_compressor(compression)
+        self.overlap, self.buckets = overlap, buckets
         self._signature = self.compression.signature()      # names every all-reduce it makes
         self._synchronized = False
         grads = list(self.params.grads())
@@ -116,21 +138,99 @@ class DistributedOptimizer:
         self._agreed = self.compression.name == "none"    # the handshake is still to come
         if self.compression.name != "none":
             self._check_compressible(grads)
+        self._reducer: Reducer | None = None
+        if isinstance(self.params, Params):
+            self._reducer = self._make_reducer(int(passes))
+        elif overlap or passes > 1 or buckets != "fused":
+            raise TypeError("overlap, backward_passes_per_step and buckets='backward' need a "
+                            "ringsync.training.nn Params (its model announces gradients), got "
+                            f"{type(self.params).__name__}")
 
     @property
     def params(self) -> Params:
         return self.optimizer.params
 
     def synchronize(self) -> None:
-        """All-reduce (average) the gradients across ranks, in place (compressed if asked)."""
-        if self.compression.name == "none":
+        """All-reduce (average) the gradients across ranks, in place (compressed if asked);
+        with overlap, wait for the buckets that backward started."""
+        if self._reducer is not None:
+            self._reducer.finish(self._reduce_now)
+        else:
+            self._reduce_now()
+        self._steps += 1
+        self._calls += 1
+        self._synchronized = True
+
+    def _reduce_now(self) -> None:
+        """The gradients' all-reduce, blocking (overlap off)."""
+        if self.buckets == "backward" and not isinstance(self.compression, PowerSGD):
+            self._reducer.reduce_buckets()
+        elif self.compression.name == "none":
             grouped_allreduce_(self.params.grads(), op=self.op, fusion_bytes=self.fusion_bytes)
             self._sent += self._uncompressed_bytes
         else:
             self._sent += self._synchronize_compressed()
-        self._steps += 1
-        self._calls += 1
-        self._synchronized = True
+
+    def bucket_plan(self) -> list[tuple[int, int]]:
+        """The all-reduce's buckets as (first, last + 1) element offsets of the flat gradient,
+        in the order they run (one bucket for the whole gradient under "fused" when it fits)."""
+        if self.buckets == "backward":
+            return [(b.lo, b.hi) for b in self._reducer.buckets]
+        grads = list(self.params.grads())
+        plan = plan_buckets([g.nbytes for g in grads], [g.dtype for g in grads], fusion_threshold(self.fusion_bytes))
+        offsets = np.cumsum([0] + [g.size for g in grads]).tolist()
+        return [(offsets[b[0]], offsets[b[-1] + 1]) for b in plan]
+
+    def no_sync(self):
+        """`with opt.no_sync():` backward passes accumulate without communicating (DDP's name);
+        the next pass outside starts the all-reduce of their mean (training/overlap.py)."""
+        if self._reducer is None:
+            raise TypeError("no_sync() needs a ringsync.training.nn Params (its model announces gradients)")
+        return self._reducer.no_sync()
+
+    # -- the buckets of overlap (and of buckets="backward") -------------------------------------
+
+    def _make_reducer(self, passes: int) -> Reducer:
+        if isinstance(self.compression, PowerSGD) and (self.overlap or self.buckets == "backward"):
+            raise ValueError("PowerSGD runs its own two all-reduces over every matrix at once: it "
+                             "does not take overlap=True or buckets='backward'")
+        if self.overlap and any(is_device_array(g) for g in self.params.grads()):
+            raise TypeError("overlap=True runs on host (NumPy) gradients only; GPU (CuPy) "
+                            "gradients are reduced after backward")
+        if self.buckets == "backward":
+            first, cap = world().settings.first_bucket_bytes, fusion_threshold(self.fusion_bytes)
+        else:                   # (fused: the reducer only accumulates passes; no init() needed)
+            first = cap = self.params.flat_grad.nbytes
+        return Reducer(self.params, first, cap, self.overlap, passes, self._launch_bucket, self._reduce_bucket)
+
+    def _bucket_shapes(self, bucket: Bucket) -> tuple[tuple[int, ...], ...]:
+        values = self.params.value
+        return tuple(values[self.params.names[i]].shape for i in bucket.members)
+
+    def _reduce_bucket(self, bucket: Bucket, span: np.ndarray) -> None:
+        """One bucket's all-reduce, blocking: fused (count and shapes checked), compressed if asked."""
+        shapes = self._bucket_shapes(bucket)
+        if self.compression.name == "none":
+            allreduce_fused_(span, self.op, shapes)
+            self._sent += span.nbytes
+        else:
+            if not self._agreed:
+                self._handshake()
+            self._sent += self._prepare().reduce_bucket_(span, bucket.lo, shapes, self.op, size(), self._reduce)
+
+    def _launch_bucket(self, bucket: Bucket, span: np.ndarray) -> Handle:
+        """One bucket's all-reduce on the communication thread (compressed as it is launched)."""
+        shapes = self._bucket_shapes(bucket)
+        if self.compression.name == "none":
+            self._sent += span.nbytes
+            return bucket_allreduce_async_(span, self.op, shapes)
+        if not self._agreed:
+            self._handshake()       # (blocking: the first launch, nothing in flight yet)
+        engine, op, contributors = self._prepare(), self.op, size()
+
+        def work() -> None:
+            self._sent += engine.reduce_bucket_(span, bucket.lo, shapes, op, contributors, self._reduce)
+        return start(f"{self.compression.name} bucket of {len(shapes)} ({span.nbytes} B)", work)
 
     def step(self) -> None:
         """Average the gradients (unless synchronize() already did), then update."""

@@ -36,7 +36,7 @@ import ringsync as rs
 from .. import cli, ops, timing
 from ..cli import float_at_least, int_at_least
 from ..files import atomic_write_text
-from ..timing.straggler import merge_report
+from ..timing.straggler import format_overlap, merge_report
 from ..transport import gpu
 from . import sync
 from .checkpoint import (
@@ -132,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: NumPy; gpu: CuPy on device local_rank %% count (RINGSYNC_GPU_DEVICE overrides)")
     t.add_argument("--fusion-mb", type=float_at_least(0.0), default=None,
                    help="fusion buffer in MiB; 0 disables fusion (default RINGSYNC_FUSION_THRESHOLD or 64)")
+    v = p.add_argument_group("overlap and accumulation (docs/overlap.md)")
+    v.add_argument("--overlap", action="store_true",
+                   help="start each gradient bucket's all-reduce during backward, as soon as it is "
+                        "complete (--sync bsp)")
+    v.add_argument("--buckets", choices=["fused", "backward"], default=None,
+                   help="the all-reduce's buckets: fused (parameter order, one per fusion threshold; the "
+                        "default without --overlap) or backward (overlap's: last layer first, the first "
+                        "one RINGSYNC_FIRST_BUCKET_BYTES)")
+    v.add_argument("--backward-passes-per-step", type=int_at_least(1), default=1, metavar="K",
+                   help="split each rank's batch into K backward passes, accumulated, then one "
+                        "all-reduce of their mean (1)")
     c = p.add_argument_group("gradient compression (docs/compression.md)")
     c.add_argument("--compression", type=_compression, default="none", metavar="C",
                    help="none (default), fp16, bf16 (needs ml_dtypes) or powersgd:R: how the "
@@ -166,6 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             fail(f"--{flag} {path}: is a folder, not a file")
     args.dataset = args.dataset or ("file" if args.data else "digits")
     _compression_args(args)
+    _overlap_args(args)
     if args.momentum is None:
         args.momentum = STALE_MOMENTUM if args.sync.parameter_server else DEFAULT_MOMENTUM
     return args
@@ -191,6 +203,26 @@ def _compression_args(args: argparse.Namespace) -> None:
     elif args.device != "cpu":
         fail(f"--compression {text} runs on --device cpu only")
     args.compression, args.compression_text = compressor, text
+
+
+def _overlap_args(args: argparse.Namespace) -> None:
+    """Refuse what --overlap, --buckets and --backward-passes-per-step cannot do, in one line."""
+    k = args.backward_passes_per_step
+    special = [flag for flag, on in (("--overlap", args.overlap), ("--buckets", args.buckets),
+                                     (f"--backward-passes-per-step {k}", k > 1)) if on]
+    if not special:
+        return
+    if args.sync.kind != "bsp":
+        fail(f"{special[0]} works with --sync bsp only, not {args.sync.text}: it changes bsp's all-reduce")
+    if args.overlap and args.device != "cpu":
+        fail("--overlap runs on --device cpu only (the asynchronous API takes host arrays)")
+    if args.overlap and args.buckets == "fused":
+        fail("--overlap reduces backward's buckets: leave out --buckets fused")
+    if args.batch_size % k:
+        fail(f"--backward-passes-per-step {k} must divide --batch-size {args.batch_size}")
+    if (args.overlap or args.buckets == "backward") and args.compression.name == "powersgd":
+        fail(f"{special[0]} does not work with --compression {args.compression_text}: PowerSGD "
+             "reduces every matrix at once")
 
 
 def compression_flags(text: str, error_feedback: bool) -> str:
@@ -250,9 +282,11 @@ class Trainer:
                          shared_grads=args.sync.kind == "bsp" and not self.compressing)
         self.params = self.model.params
         fusion_bytes = None if args.fusion_mb is None else int(args.fusion_mb * 2**20)
+        self.passes = args.backward_passes_per_step
         self.optimizer = DistributedOptimizer(
             SGD(self.params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
-            op=rs.Average, fusion_bytes=fusion_bytes, compression=self.compression)
+            op=rs.Average, fusion_bytes=fusion_bytes, compression=self.compression,
+            overlap=args.overlap, backward_passes_per_step=self.passes, buckets=args.buckets)
         broadcast_parameters(self.params, root=0)      # every rank starts from rank 0's model
         self.step = 0                                  # global steps done, across resumes
         self.steps_run = 0                             # steps done by this process
@@ -262,8 +296,15 @@ class Trainer:
     # The three phases of one step. Each is one call, so a wrapper can time or delay it.
 
     def compute_gradients(self, xb, yb) -> tuple[float, float]:
-        """Forward and backward on this rank's batch; fills the gradient buffer."""
-        return self.model.loss_and_grad(xb, yb)
+        """Forward and backward on this rank's batch; fills the gradient buffer. With
+        --backward-passes-per-step K, K passes on equal slices of it (their mean is reduced);
+        with --overlap, backward starts the gradient buckets' all-reduces as it goes."""
+        if self.passes == 1:
+            return self.model.loss_and_grad(xb, yb)
+        part = xb.shape[0] // self.passes
+        results = [self.model.loss_and_grad(xb[k * part:(k + 1) * part], yb[k * part:(k + 1) * part])
+                   for k in range(self.passes)]
+        return float(np.mean([r[0] for r in results])), float(np.mean([r[1] for r in results]))
 
     def allreduce_gradients(self) -> None:
         """Average the gradients over all ranks (one fused ring all-reduce)."""
@@ -278,6 +319,7 @@ class Trainer:
         t0 = time.perf_counter()
         timing.begin_step()    # (sleeps here if --straggler/--jitter inject a delay)
         loss, acc = self.compute_gradients(xb, yb)
+        timing.compute_done()     # (with --overlap: communication after this is exposed)
         t1 = time.perf_counter()
         self.allreduce_gradients()
         t2 = time.perf_counter()
@@ -563,6 +605,9 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "global_batch": trainer.global_batch, "batch_size": args.batch_size,
         "dataset": data.name, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
         "model": trainer.sizes, "dtype": args.dtype, "device": args.device, "lr": args.lr, "momentum": args.momentum,
+        "overlap": args.overlap, "buckets": trainer.optimizer.buckets,
+        "bucket_count": len(trainer.optimizer.bucket_plan()),
+        "backward_passes_per_step": args.backward_passes_per_step,
         "weight_decay": args.weight_decay, "seed": args.seed,
         "final_loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc,
         "train_seconds": seconds, "samples_per_second": samples / seconds if seconds > 0 else 0.0,
@@ -589,6 +634,8 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
                       f"{report['ring_bytes_per_rank_per_step']:,.0f} per rank per step", flush=True)
             if straggler_report:
                 print(sync.format_timing(straggler_report), flush=True)
+            if "overlap" in report:
+                print(format_overlap(report["overlap"]), flush=True)
             print(f"{PROG}: parameters bitwise identical on all {rs.size()} rank(s): "
                   f"{'yes' if identical else 'NO'} (sha256 {digest[:16]})", flush=True)
     trainer.params.close()
