@@ -149,6 +149,9 @@ bench-one: $(VENV)/.bench
 	# Gradient compression: synchronize() per compressor (none, fp16, bf16, powersgd:1/4), and the compression alone
 	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/compression.py \
 	  -b 1M -e 64M -f 4 --rounds 5 --out $(BENCH_DIR)/compression
+	# Overlap of backward with the all-reduce: step time off and on, exposed and hidden communication
+	timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) $(MPIEXEC_FLAGS) -n $(BENCH_RANKS) $(PY) benchmarks/overlap.py \
+	  --steps 30 --out $(BENCH_DIR)/overlap
 	# The trainer's step per transport. Its failure (a transport this ringsync lacks) is printed, not fatal;
 	# no train_step.json is left from an earlier run.
 	@rm -f $(BENCH_DIR)/train_step.json $(BENCH_DIR)/train_step.csv

@@ -321,3 +321,40 @@ def cluster_jobs(prog: str, prefix: str) -> Iterator[tuple[str, Path]]:
     finally:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- across emulated hosts: --cluster HxR and --rates ------------------------------------
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        hosts, per_host = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise CliError(f"--cluster: not HOSTSxRANKS: {text!r} (e.g. 2x2)") from None
+    if hosts < 2 or per_host < 1:
+        raise CliError(f"--cluster: needs at least 2 hosts of at least 1 rank, got {text!r}")
+    return hosts, per_host
+
+
+def parse_rates(text: str) -> list[int | None]:
+    from ringsync import cli as ringsync_cli  # (imported here: benchlib loads without ringsync)
+
+    try:
+        rates = [ringsync_cli.parse_rate(r.strip()) for r in text.split(",") if r.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(f"--rates: {exc}") from None
+    if not rates:
+        raise CliError("--rates: none given")
+    if len(set(rates)) != len(rates):
+        raise CliError(f"--rates: a rate given twice in {text!r}")
+    return rates
+
+
+def slowest(comm, values) -> np.ndarray:
+    """Elementwise, the largest figure over the ranks (MPI's own Allreduce: a benchmark's
+    bookkeeping, not what it measures)."""
+    from mpi4py import MPI
+
+    mine = np.ascontiguousarray(values, dtype=np.float64)
+    worst = np.empty_like(mine)
+    comm.Allreduce(mine, worst, op=MPI.MAX)
+    return worst

@@ -35,7 +35,6 @@ rate) between the rates measured. Writes --out PREFIX.{txt,json,png} (each atomi
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import math
@@ -89,8 +88,8 @@ def parse_args(argv: list[str] | None = None):
             raise bl.CliError(f"sizes must be whole float32 gradients (multiples of 4 bytes), got {odd[0]}")
         args.compressors, args.skipped = parse_compressors(args.compressors)
         if args.cluster is not None:
-            args.shape = parse_shape(args.cluster)
-            args.rate_list = parse_rates(args.rates or DEFAULT_RATES)
+            args.shape = bl.parse_shape(args.cluster)
+            args.rate_list = bl.parse_rates(args.rates or DEFAULT_RATES)
             if args.wire_size is None:
                 args.wire_size = 16 << 20
         elif args.rates is not None:
@@ -128,30 +127,6 @@ def parse_compressors(text: str | None) -> tuple[list[tuple[str, object]], list[
             c = dataclasses.replace(c, start_iter=0)
         found.append((name, c))
     return found, skipped
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        hosts, per_host = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise bl.CliError(f"--cluster: not HOSTSxRANKS: {text!r} (e.g. 2x2)") from None
-    if hosts < 2 or per_host < 1:
-        raise bl.CliError(f"--cluster: needs at least 2 hosts of at least 1 rank, got {text!r}")
-    return hosts, per_host
-
-
-def parse_rates(text: str) -> list[int | None]:
-    from ringsync import cli as ringsync_cli
-
-    try:
-        rates = [ringsync_cli.parse_rate(r.strip()) for r in text.split(",") if r.strip()]
-    except argparse.ArgumentTypeError as exc:
-        raise bl.CliError(f"--rates: {exc}") from None
-    if not rates:
-        raise bl.CliError("--rates: none given")
-    if len(set(rates)) != len(rates):
-        raise bl.CliError(f"--rates: a rate given twice in {text!r}")
-    return rates
 
 
 def matrix_shape(nbytes: int) -> tuple[int, int]:
@@ -224,16 +199,6 @@ def local_engine(compressor, shape: tuple[int, int], p: int):
     return run_cast
 
 
-def slowest(comm, values: list[float]) -> np.ndarray:
-    """Per round, the largest figure over the ranks."""
-    from mpi4py import MPI
-
-    mine = np.asarray(values, dtype=np.float64)
-    worst = np.empty_like(mine)
-    comm.Allreduce(mine, worst, op=MPI.MAX)
-    return worst
-
-
 def relative_error(setup: Setup, exact: np.ndarray) -> float:
     out = setup.params.flat_grad.astype(np.float64)
     return float(np.linalg.norm(out - exact) / max(np.linalg.norm(exact), 1e-300))
@@ -288,9 +253,9 @@ def measure_size(comm, args, nbytes: int) -> list[dict]:
         setup.close()
     rows = []
     for name, _ in args.compressors:
-        t = slowest(comm, times[name])
-        comp = slowest(comm, local[name][0]) if local[name][0] else None
-        decomp = slowest(comm, local[name][1]) if local[name][1] else None
+        t = bl.slowest(comm, times[name])
+        comp = bl.slowest(comm, local[name][0]) if local[name][0] else None
+        decomp = bl.slowest(comm, local[name][1]) if local[name][1] else None
         rep = reports[name]
         rows.append({"size": nbytes, "compressor": name, "signature": rep["compression"], "ranks": p,
                      "matrix": list(setup.shape), "time_us": float(np.median(t)) * 1e6,

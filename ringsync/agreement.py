@@ -214,9 +214,10 @@ class Checker:
         for the algorithm, or None if the check is off.
 
         Asynchronous calls in flight (handles.py) run first: a call from any other thread
-        than the communication thread waits for them here, so it comes after them."""
+        than the communication thread waits for them here, so it comes after them (and
+        raises if one of them left this rank out of step)."""
         queue = self.comm_thread
-        if queue is not None and queue.pending and queue.ident != get_ident():
+        if queue is not None and (queue.pending or queue.broken) and queue.ident != get_ident():
             queue.wait_idle()
         self.calls += 1
         if not self.enabled:

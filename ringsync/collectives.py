@@ -490,7 +490,7 @@ def _check_root(root: object) -> int:
 
 # --- broadcast, allgather, barrier -----------------------------------------------------------
 
-def _agree_or_settle(guard: Checker | None) -> bool:
+def agree_or_settle(guard: Checker | None) -> bool:
     """The opening for a call with no payload; False when ranks have joined (the caller then
     goes on without them). Any other disagreement raises on every rank."""
     if guard is None:
@@ -526,7 +526,7 @@ def _broadcast(x: np.ndarray, root: int, name: str | None) -> np.ndarray:
     w = world()
     device = gpu.is_device_array(x)
     # (host and device buffers take different roads on one node: the check keeps them apart)
-    everyone = _agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root,
+    everyone = agree_or_settle(w.checker.arm(BROADCAST, "", x.dtype, x.shape, root=root,
                                               place=DEVICE if device else 0, name=name))
     if device:
         _broadcast_device(x.reshape(-1), root)   # same tree, same messages
@@ -597,7 +597,7 @@ def allgather(x: object, name: str | None = None) -> np.ndarray:
     guard = w.checker.arm(ALLGATHER, "", arr.dtype, arr.shape[1:], place=DEVICE if device else 0, name=name)
     row = _layout_row(arr)
     if guard is None or row.nbytes > guard.payload_limit:      # (a payload limit under 88 bytes)
-        return allgather_rows(arr, shared=_agree_or_settle(guard))
+        return allgather_rows(arr, shared=agree_or_settle(guard))
     # Every rank's layout rides on the opening, which is an all-gather of blocks itself.
     slots = guard.slots(row.dtype, row.size)        # slots[i]: rank r+i's
     slots[0][...] = row
@@ -676,4 +676,4 @@ def barrier() -> None:
         dissemination_barrier(w.comm)
     else:
         # The opening is a barrier too: it gathers a block from every rank, in ceil(log2 p) rounds.
-        _agree_or_settle(guard)
+        agree_or_settle(guard)

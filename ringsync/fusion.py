@@ -204,14 +204,14 @@ def _reduce_bucket(bucket: list[np.ndarray], op: str) -> None:
     timing.mark("unpack", t)
 
 
-def _check_group(arrays: object, op: object, fusion_bytes: int | None) -> tuple[str, int]:
+def check_group(arrays: object, op: object, fusion_bytes: int | None) -> tuple[str, int]:
     """The arguments every grouped call shares: a list or tuple, an op, a threshold."""
     if not isinstance(arrays, (list, tuple)):
         raise TypeError(f"arrays must be a list or tuple of arrays, got {type(arrays).__name__}")
     return ops.resolve_op(op), fusion_threshold(fusion_bytes)
 
 
-def _checked_arrays(arrays: Sequence[object]) -> list[np.ndarray]:
+def checked_arrays(arrays: Sequence[object]) -> list[np.ndarray]:
     """The arrays of an in-place grouped call, checked (check_inplace), all NumPy or all CuPy.
 
     (hot path: a model has hundreds of arrays) Writeable C-contiguous NumPy arrays of a
@@ -242,9 +242,9 @@ def grouped_allreduce_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     is bitwise identical on every rank.
     """
     with arguments_checked:  # (a refusal fails the others' call too)
-        op, threshold = _check_group(arrays, op, fusion_bytes)
+        op, threshold = check_group(arrays, op, fusion_bytes)
         if not isinstance(arrays, FlatViews):
-            arrays = _checked_arrays(arrays)
+            arrays = checked_arrays(arrays)
     if isinstance(arrays, FlatViews):                 # a FlatBuffer's views: no copy, no checks per array
         for span, shapes in arrays.owner.buckets(threshold):
             reduce_bucket_span_(span, op, shapes)
@@ -264,7 +264,7 @@ def grouped_allreduce(arrays: Sequence[object], op: str = ops.Sum,
     and the reduction itself needs no further copy.
     """
     with arguments_checked:                         # validate before copying anything
-        op, _ = _check_group(arrays, op, fusion_bytes)
+        op, _ = check_group(arrays, op, fusion_bytes)
         sources = []
         for i, x in enumerate(arrays):
             a = array_module(x).asarray(x)            # CuPy arrays stay on their GPU

@@ -50,7 +50,7 @@ from mpi4py import MPI
 from . import ops, timing
 from .agreement import BARRIER, MismatchError
 from .collectives import (
-    _agree_or_settle,
+    agree_or_settle,
     allreduce_,
     allreduce_fused_,
     arguments_checked,
@@ -58,7 +58,7 @@ from .collectives import (
     check_name,
 )
 from .context import world
-from .fusion import FlatViews, _check_group, _checked_arrays, grouped_allreduce_
+from .fusion import FlatViews, check_group, checked_arrays, grouped_allreduce_
 from .transport import gpu
 from .transport.p2p import be_patient
 
@@ -224,11 +224,11 @@ def grouped_allreduce_async_(arrays: Sequence[np.ndarray], op: str = ops.Sum,
     w = world()
     comm = _thread(w)
     with arguments_checked:
-        op, _ = _check_group(arrays, op, fusion_bytes)
+        op, _ = check_group(arrays, op, fusion_bytes)
         for i, a in enumerate(arrays):
             _host_only(a, f"arrays[{i}]")
         if not isinstance(arrays, FlatViews):
-            arrays = _checked_arrays(arrays)
+            arrays = checked_arrays(arrays)
     return comm.submit(f"grouped_allreduce_async_ ({len(arrays)} arrays)",
                        lambda: grouped_allreduce_(arrays, op, fusion_bytes))
 
@@ -302,7 +302,7 @@ def close(w: World) -> None:
                            f"not synchronized, and a call failed ({type(failed).__name__}: {failed})")
     what = f"shutdown with {outstanding} asynchronous handle(s) not synchronized" if outstanding else "shutdown"
     if w.checker.enabled:
-        _agree_or_settle(w.checker.arm(BARRIER, name=what))    # ranks that differ: MismatchError
+        agree_or_settle(w.checker.arm(BARRIER, name=what))    # ranks that differ: MismatchError
     if outstanding:
         raise RuntimeError(f"{what} on rank {w.rank}: synchronize() every handle before shutdown()")
     if t is not None:

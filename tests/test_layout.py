@@ -2,7 +2,8 @@
 
 Layers, top to bottom (a module may call into its own layer or any layer below it):
 
-    startup (init), training/, cluster/ and model/ (tools)  ->  fusion  ->  timing/  ->  uneven, stall
+    startup (init), training/, cluster/ and model/ (tools)  ->  handles (the asynchronous API)
+      ->  fusion  ->  timing/  ->  uneven, stall
       ->  collectives (the front doors)  ->  agreement  ->  algorithms/  ->  transport/
       ->  context, config, choice, ops, files, cli
 
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / "ringsync"
 
 LAYERS = [
     ("ringsync.startup", "ringsync.training", "ringsync.cluster", "ringsync.model"),
+    ("ringsync.handles",),
     ("ringsync.fusion",),
     ("ringsync.timing",),
     ("ringsync.uneven", "ringsync.stall"),

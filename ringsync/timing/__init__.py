@@ -307,7 +307,7 @@ def thread_span(name: str, t0: float, t1: float) -> None:
 def mark(name: str, t0: float) -> None:
     """Record a span `name` from `t0` (a timing.now() reading) to now, for the timeline."""
     rec = _rec
-    if rec is not None and rec.timeline and rec.start_t is not None:
+    if rec is not None and rec.timeline and rec.start_t is not None and get_ident() == rec.owner:
         rec.spans.append((name, t0, now(), rec.step))
 
 

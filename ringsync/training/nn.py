@@ -35,6 +35,25 @@ class Params:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.offsets = self._grads.offsets      # parameter i is flat[offsets[i]:offsets[i + 1]]
         self._grad_hooks: list[Callable[[list[str]], None]] = []
+        self._units: dict[int, tuple[int, ...]] = {}    # first index -> parameters written together
+
+    def group(self, names: Sequence[str]) -> None:
+        """Declare that backward writes (and announces) these consecutive parameters together,
+        as a layer's weight and bias: overlap's buckets never split them."""
+        unit = tuple(sorted(self.index[n] for n in names))
+        if list(unit) != list(range(unit[0], unit[0] + len(unit))) or any(
+                i in u for u in self._units.values() for i in unit):
+            raise ValueError(f"a group must be consecutive parameters in no other group, got {list(names)}")
+        self._units[unit[0]] = unit
+
+    def units(self) -> list[tuple[int, ...]]:
+        """Every parameter index in a unit, in memory order: the declared groups, the rest alone."""
+        out, i = [], 0
+        while i < len(self.names):
+            unit = self._units.get(i, (i,))
+            out.append(unit)
+            i += len(unit)
+        return out
 
     # Gradient hooks: a model's backward announces each layer's gradients the moment they are
     # written (grads_ready), last layer first; DistributedOptimizer(overlap=True) listens, and
@@ -54,6 +73,14 @@ class Params:
     def announces_grads(self) -> bool:
         """Whether anyone listens to grads_ready (a model may skip the calls otherwise)."""
         return bool(self._grad_hooks)
+
+    def backward_starts(self) -> None:
+        """A backward pass is about to write gradients: the hooks may refuse it (raise) while
+        the gradients are still untouched."""
+        for fn in self._grad_hooks:
+            check = getattr(fn, "before_backward", None)
+            if check is not None:
+                check()
 
     def grads_ready(self, names: list[str]) -> None:
         """Backward has just written the gradients of `names`: tell the hooks."""
@@ -88,6 +115,7 @@ class Linear:
 
     def __init__(self, params: Params, name: str, xp=np) -> None:
         self.params, self.names = params, [f"{name}.weight", f"{name}.bias"]
+        params.group(self.names)          # written together by backward: one bucket (overlap.py)
         self.W, self.b = params.value[f"{name}.weight"], params.value[f"{name}.bias"]
         self.dW, self.db = params.grad[f"{name}.weight"], params.grad[f"{name}.bias"]
         self.xp = xp
@@ -176,6 +204,8 @@ class MLP:
 
     def backward(self, dlogits) -> None:
         """Fill params.grad from dL/dlogits (after a forward on the same batch)."""
+        if self.params.announces_grads:
+            self.params.backward_starts()
         for layer in reversed(self.layers[1:]):
             dlogits = layer.backward(dlogits)
         self.layers[0].backward(dlogits, input_grad=False)

@@ -4,8 +4,8 @@ Backward computes the last layer's gradients first and the first layer's last. W
 all of them before any all-reduce leaves the link idle during backward and the cores idle
 during the all-reduce. PyTorch DDP's reducer, copied here in small:
 
-  * Buckets. The gradients are grouped from the last parameter to the first, up to a cap
-    per bucket (the fusion threshold: RINGSYNC_FUSION_THRESHOLD or fusion_bytes=), the first
+  * Buckets. The gradients are grouped from the last parameter to the first (a layer's
+    weight and bias, written together, always in one bucket), up to a cap per bucket (the fusion threshold: RINGSYNC_FUSION_THRESHOLD or fusion_bytes=), the first
     bucket smaller (RINGSYNC_FIRST_BUCKET_BYTES, DDP's 1 MiB) so that communication starts
     early. Parameters lie back to back in the model's gradient FlatBuffer, so every bucket
     is one slice of it: no copy in, none out.
@@ -46,23 +46,29 @@ class Bucket(NamedTuple):
     members: tuple[int, ...]
 
 
-def backward_buckets(nbytes: Sequence[int], first_cap: int, cap: int) -> list[tuple[int, ...]]:
+def backward_buckets(nbytes: Sequence[int], first_cap: int, cap: int,
+                     units: Sequence[Sequence[int]] | None = None) -> list[tuple[int, ...]]:
     """Parameter indices grouped from the last to the first: each bucket holds consecutive
     parameters up to `cap` bytes (the first bucket `first_cap`, if smaller); a parameter
-    larger than its bucket's cap forms one alone. Each bucket's indices in memory order.
-    Pure logic (tests/test_overlap_plan.py)."""
+    larger than its bucket's cap forms one alone. `units`: groups of consecutive indices
+    that backward writes together (a layer's weight and bias), never split between buckets
+    (a bias left in the next bucket would hold it back a whole layer); default, each index
+    alone. Each bucket's indices in memory order. Pure logic (tests/test_overlap_plan.py)."""
+    if units is None:
+        units = [(i,) for i in range(len(nbytes))]
     buckets: list[tuple[int, ...]] = []
     current: list[int] = []
     filled = 0
-    for i in reversed(range(len(nbytes))):
+    for unit in reversed(units):
+        size = sum(nbytes[i] for i in unit)
         limit = min(first_cap, cap) if not buckets else cap
-        if current and filled + nbytes[i] > limit:
-            buckets.append(tuple(reversed(current)))
+        if current and filled + size > limit:
+            buckets.append(tuple(sorted(current)))
             current, filled = [], 0
-        current.append(i)
-        filled += nbytes[i]
+        current.extend(unit)
+        filled += size
     if current:
-        buckets.append(tuple(reversed(current)))
+        buckets.append(tuple(sorted(current)))
     return buckets
 
 
@@ -82,7 +88,7 @@ class Reducer:
         itemsize = params.flat_grad.dtype.itemsize
         sizes = [(b - a) * itemsize for a, b in itertools.pairwise(offsets)]
         self.buckets = [Bucket(offsets[m[0]], offsets[m[-1] + 1], m)
-                        for m in backward_buckets(sizes, first_cap, cap)]
+                        for m in backward_buckets(sizes, first_cap, cap, params.units())]
         self.bucket_of = {i: k for k, b in enumerate(self.buckets) for i in b.members}
         self.accumulated: np.ndarray | None = None      # the passes so far, summed (made on need)
         self.no_sync_depth = 0
@@ -90,10 +96,11 @@ class Reducer:
         self.final = False          # this step's gradients are complete and (overlap) launched
         self._reset_pass()
         self.handles: list[Handle] = []
-        params.add_grad_hook(self._on_ready)
+        self.hook = _Hook(self)
+        params.add_grad_hook(self.hook)
 
     def close(self) -> None:
-        self.params.remove_grad_hook(self._on_ready)
+        self.params.remove_grad_hook(self.hook)
 
     @property
     def hooked(self) -> bool:
@@ -107,13 +114,19 @@ class Reducer:
 
     # -- the hook: backward has written some gradients -------------------------------------
 
-    def _on_ready(self, names: list[str]) -> None:
-        if not self.hooked:
-            return
-        if self.final:
+    def before_backward(self) -> None:
+        """Refuse a backward pass once the step's gradients are complete, before it writes any."""
+        if self.final and self.hooked:
             raise RuntimeError("a backward pass after the gradients were complete: call step() "
                                f"after every {self.passes} backward pass(es) (backward_passes_per_step), "
                                "or run the extra passes inside no_sync()")
+
+    def _on_ready(self, names: list[str]) -> None:
+        if not self.hooked:
+            return
+        if self.final:          # (a model that does not call Params.backward_starts)
+            raise RuntimeError("a backward pass wrote gradients after they were complete: call "
+                               f"step() after every {self.passes} backward pass(es) (backward_passes_per_step)")
         flat, offsets, index = self.params.flat_grad, self.params.offsets, self.params.index
         final = self.no_sync_depth == 0 and self.passes_done + 1 >= self.passes
         for name in names:
@@ -189,3 +202,19 @@ class Reducer:
             yield
         finally:
             self.no_sync_depth -= 1
+
+
+class _Hook:
+    """The Reducer as Params sees it: called with the names backward has written, and asked
+    before a backward pass begins (Params.backward_starts)."""
+
+    __slots__ = ("reducer",)
+
+    def __init__(self, reducer: Reducer) -> None:
+        self.reducer = reducer
+
+    def __call__(self, names: list[str]) -> None:
+        self.reducer._on_ready(names)
+
+    def before_backward(self) -> None:
+        self.reducer.before_backward()

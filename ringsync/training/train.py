@@ -605,7 +605,7 @@ def main(argv: Sequence[str] | None = None, xp=np) -> int:
         "global_batch": trainer.global_batch, "batch_size": args.batch_size,
         "dataset": data.name, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
         "model": trainer.sizes, "dtype": args.dtype, "device": args.device, "lr": args.lr, "momentum": args.momentum,
-        "overlap": args.overlap, "buckets": trainer.optimizer.buckets,
+        "overlap_enabled": args.overlap, "buckets": trainer.optimizer.buckets,
         "bucket_count": len(trainer.optimizer.bucket_plan()),
         "backward_passes_per_step": args.backward_passes_per_step,
         "weight_decay": args.weight_decay, "seed": args.seed,
