@@ -61,6 +61,7 @@ from .context import world
 from .fusion import FlatViews, check_group, checked_arrays, grouped_allreduce_
 from .transport import gpu
 from .transport.p2p import be_patient
+from .transport.shm import PeerFailedError
 
 if TYPE_CHECKING:
     from .context import World
@@ -301,8 +302,11 @@ def close(w: World) -> None:
         raise RuntimeError(f"shutdown() on rank {w.rank}: {outstanding} asynchronous handle(s) "
                            f"not synchronized, and a call failed ({type(failed).__name__}: {failed})")
     what = f"shutdown with {outstanding} asynchronous handle(s) not synchronized" if outstanding else "shutdown"
-    if w.checker.enabled:
-        agree_or_settle(w.checker.arm(BARRIER, name=what))    # ranks that differ: MismatchError
+    if w.checker.enabled and not (w.node is not None and w.node.failure):
+        try:
+            agree_or_settle(w.checker.arm(BARRIER, name=what))    # ranks that differ: MismatchError
+        except PeerFailedError:
+            pass    # the node's shared memory is poisoned (a rank failed): no comparing; close
     if outstanding:
         raise RuntimeError(f"{what} on rank {w.rank}: synchronize() every handle before shutdown()")
     if t is not None:
