@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from threading import get_ident
 
 import numpy as np
 
@@ -151,7 +152,7 @@ def _separate_host_arrays(arrays: Sequence[np.ndarray]) -> bool:
 # --- the fusion buffers: one per dtype, allocated once, grown when a bigger bucket comes ------
 
 class _FusionBuffers:
-    """A reusable 1-D buffer per backend and dtype (as Horovod's fusion buffer; never shrinks).
+    """A reusable 1-D buffer per backend, dtype and thread (as Horovod's fusion buffer; never shrinks).
 
     A bucket of CuPy arrays gets a CuPy buffer, one per device (ranks use one device each).
     """
@@ -161,7 +162,10 @@ class _FusionBuffers:
 
     def get(self, count: int, dtype: np.dtype, like: np.ndarray | None = None) -> np.ndarray:
         xp = np if like is None else array_module(like)
-        key = (xp.__name__, like.device.id if xp is not np else -1, np.dtype(dtype))
+        # Per thread too: a blocking call packs its bucket before it waits for the asynchronous
+        # calls in flight (handles.py), whose packed bucket the communication thread may still
+        # be reducing in its own buffer.
+        key = (xp.__name__, like.device.id if xp is not np else -1, np.dtype(dtype), get_ident())
         buf = self._bufs.get(key)
         if buf is None or buf.size < count:
             with on_device_of(like):        # on the bucket's GPU, not the current one

@@ -286,29 +286,32 @@ def _check_handle(handle: object) -> None:
 
 def close(w: World) -> None:
     """shutdown()'s first part (collective): wait for the calls in flight, then make sure no
-    rank leaves handles behind: every rank raises if one does (or its calls failed), with the
-    World still open. Then the thread ends."""
+    rank leaves handles behind: every rank raises if one does, with the World still open
+    (synchronize them, then shutdown() again). Then the thread ends."""
     t = w.comm_thread
-    outstanding, failed = 0, None
+    outstanding, failed = 0, 0
     if t is not None:
         with t.cond:
             while t.pending:
                 t.cond.wait()
             outstanding = len(t.live)
-            failed = t.broken or next((h.error for h in t.live.values() if h.error), None)
-    if failed is not None:
-        # Its call failed on every rank alike (the others raise their own error), or this
-        # rank is out of step: an opening now could wait for ranks that have raised.
-        raise RuntimeError(f"shutdown() on rank {w.rank}: {outstanding} asynchronous handle(s) "
-                           f"not synchronized, and a call failed ({type(failed).__name__}: {failed})")
-    what = f"shutdown with {outstanding} asynchronous handle(s) not synchronized" if outstanding else "shutdown"
+            failed = sum(1 for h in t.live.values() if h.error is not None)
+        if t.broken is not None:
+            # This rank is out of step with the others: a comparison could wait for ever.
+            raise RuntimeError(f"shutdown() on rank {w.rank}: an asynchronous call failed here, so the "
+                               f"ranks are out of step ({type(t.broken).__name__}: {t.broken})") from t.broken
+    # (the opening's name, compared across ranks: at most agreement.NAME_BYTES shown)
+    what = f"shutdown, {outstanding} handle(s) unsynchronized" if outstanding else "shutdown"
+    what += f", {failed} failed" if failed else ""
     if w.checker.enabled and not (w.node is not None and w.node.failure):
         try:
             agree_or_settle(w.checker.arm(BARRIER, name=what))    # ranks that differ: MismatchError
         except PeerFailedError:
             pass    # the node's shared memory is poisoned (a rank failed): no comparing; close
     if outstanding:
-        raise RuntimeError(f"{what} on rank {w.rank}: synchronize() every handle before shutdown()")
+        raise RuntimeError(f"shutdown() on rank {w.rank} with {outstanding} asynchronous handle(s) not "
+                           f"synchronized{f' ({failed} of them failed)' if failed else ''}: "
+                           "synchronize() every handle before shutdown()")
     if t is not None:
         t.stop()
         w.comm_thread = w.checker.comm_thread = None

@@ -430,7 +430,7 @@ def test_shutdown_with_handles_on_some_ranks_raises_mismatch_everywhere(rs):
         drain(rs, [h])
         init_again(rs)
     assert_everywhere(refused[0] == "MismatchError" and re.search(
-        r"name differs: 'shutdown with 1 asynchronous handle\(s\) not synchronized' on rank 0 vs 'shutdown'",
+        r"name differs: 'shutdown, 1 handle\(s\) unsynchronized' on rank 0 vs 'shutdown'",
         refused[1]) is not None, f"rank {R}: {refused}")
     assert_everywhere(still, "shutdown() that raised left ringsync shut down")
     assert_everywhere(np.array_equal(x, np.full(10, P * (P - 1) / 2)), "the forgotten handle's result")
@@ -450,11 +450,49 @@ def test_shutdown_with_a_failed_handle_raises_everywhere(rs):
     finally:
         drain(rs, [h])
         init_again(rs)
-    assert_everywhere(refused[0] == "RuntimeError" and "a call failed (MismatchError" in refused[1],
+    assert_everywhere(refused[0] == "RuntimeError" and "(1 of them failed)" in refused[1],
                       f"rank {R}: {refused}")
     assert_everywhere(still and error[0] == "MismatchError", f"rank {R}: {error}")
     assert_everywhere(retried[0] == "ok" and down, f"rank {R}: the second shutdown(): {retried}")
     world_still_works(rs)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shutdown_with_a_failed_handle_on_one_rank_raises_everywhere(rs):
+    """Every rank's call failed alike; rank 0 alone leaves its handle unsynchronized: every
+    rank's shutdown() raises (none waits for the others for ever)."""
+    h = rs.allreduce_async_(np.ones(3 if R == 0 else 4))
+    try:
+        if R != 0:
+            outcome(lambda: rs.synchronize(h))
+        refused = outcome(rs.shutdown)
+        if R == 0:
+            outcome(lambda: rs.synchronize(h))
+        retried = outcome(rs.shutdown)
+    finally:
+        drain(rs, [h])
+        init_again(rs)
+    assert_everywhere(refused[0] == "MismatchError" and "1 failed" in refused[1], f"rank {R}: {refused}")
+    assert_everywhere(retried[0] == "ok", f"rank {R}: the second shutdown(): {retried}")
+    world_still_works(rs)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_packed_bucket_in_flight_keeps_its_fusion_buffer(rs):
+    """grouped_allreduce_async_ of separate arrays packs them into a fusion buffer; a blocking
+    grouped_allreduce_ right after packs its own before it waits for the first: the two must
+    not share one buffer (small arrays: packed on every transport)."""
+    import time
+    a = [np.full(50, R + 1.0), np.full(30, 10.0 * (R + 1))]
+    b = [np.full(50, 100.0 * (R + 1)), np.full(30, 1000.0 * (R + 1))]
+    if R == 1:
+        time.sleep(0.2)                 # the others' first call waits in the thread meanwhile
+    h = rs.grouped_allreduce_async_(a)
+    rs.grouped_allreduce_(b)
+    rs.synchronize(h)
+    total = P * (P + 1) / 2
+    ok = all(np.array_equal(x, np.full(x.size, v * total)) for x, v in zip(a + b, (1, 10, 100, 1000)))
+    assert_everywhere(ok, f"rank {R}: {[float(x[0]) for x in a + b]}, expected multiples of {total}")
 
 
 @pytest.mark.mpi(min_size=2)

@@ -340,6 +340,36 @@ def test_a_refused_extra_pass_leaves_the_step_alone(small_buckets, setup):
 
 
 @pytest.mark.mpi
+def test_a_pass_cut_short_by_an_exception_is_forgotten(small_buckets):
+    """An exception in backward after some buckets were launched: the next backward waits for
+    them and starts over, and the step gives the bits of a run without the failure."""
+    rs = small_buckets
+    (x, y), = batches(1, 4, seed=23)
+    x = x.astype(np.float32)
+    cut, opt_cut = make(rs, overlap=True)
+    clean, opt_clean = make(rs, overlap=True)
+    first = cut.layers[0]
+    real_backward = first.backward
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("cut short")
+    first.backward = boom                   # the first layer is the last one backward reaches
+    kind = None
+    try:
+        cut.loss_and_grad(x, y)
+    except KeyboardInterrupt:
+        kind = "KeyboardInterrupt"
+    first.backward = real_backward
+    launched = len(opt_cut._reducer.handles)
+    for model, opt in ((cut, opt_cut), (clean, opt_clean)):
+        model.loss_and_grad(x, y)
+        opt.step()
+    identical = same_bits_everywhere(cut.params.data)
+    ok = kind == "KeyboardInterrupt" and launched >= 1 and identical and np.array_equal(cut.params.data, clean.params.data)
+    assert_everywhere(ok, f"rank {COMM.rank}: {kind}, {launched} bucket(s) launched before the cut; identical {identical}")
+
+
+@pytest.mark.mpi
 def test_overlap_with_gradients_filled_by_hand_raises_at_step(small_buckets):
     rs = small_buckets
     params = Params([("w", (4, 3)), ("b", (3,))], np.float64)

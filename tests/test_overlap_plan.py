@@ -280,9 +280,10 @@ def test_params_units_group_a_layer_and_backward_buckets_keep_it_whole():
     params = make_params()
     params.group(["b.w", "b.b"])
     assert params.units() == [(0,), (1,), (2, 3), (4,), (5,)]
-    for bad in (["a.w", "b.w"], ["b.b", "c.w"]):          # not consecutive; b.b already grouped
-        with pytest.raises(ValueError, match="group"):
-            params.group(bad)
+    for odd in (["a.w", "b.w"], ["b.b", "c.w"]):          # not consecutive; b.b already grouped
+        params.group(odd)                                 # ignored: those stay as they were
+    params.group(["b.w", "b.b"])                          # the same layer again: no change
+    assert params.units() == [(0,), (1,), (2, 3), (4,), (5,)]
 
 
 def test_units_are_never_split_between_buckets():

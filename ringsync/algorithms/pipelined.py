@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from ..transport.p2p import BYTE, wait, waitall
+from ..transport.p2p import BYTE, TAG, wait, waitall
 from .ring import chunk_bounds, ring_allgather_
 
 
@@ -61,14 +61,14 @@ def pipelined_ring_allreduce_(buf: np.ndarray, comm: MPI.Comm, reduce: np.ufunc,
         mine_segments = segment_slices[(r - step - 1) % p]
         # Receive segment i into slot i % 2; post the next receive before reducing this one.
         # (Receives go first, so the left neighbour's data finds them waiting.)
-        pending = comm.Irecv([slots[0][:mine_segments[0].stop - mine_segments[0].start], BYTE], source=left)
-        sends = [comm.Isend([buf[s], BYTE], dest=right) for s in send_segments]
+        pending = comm.Irecv([slots[0][:mine_segments[0].stop - mine_segments[0].start], BYTE], source=left, tag=TAG)
+        sends = [comm.Isend([buf[s], BYTE], dest=right, tag=TAG) for s in send_segments]
         for i, seg in enumerate(mine_segments):
             incoming = slots[i % 2][:seg.stop - seg.start]
             arrived = pending
             if i + 1 < len(mine_segments):
                 nxt = mine_segments[i + 1]
-                pending = comm.Irecv([slots[(i + 1) % 2][:nxt.stop - nxt.start], BYTE], source=left)
+                pending = comm.Irecv([slots[(i + 1) % 2][:nxt.stop - nxt.start], BYTE], source=left, tag=TAG)
             wait(arrived)
             mine = buf[seg]
             reduce(mine, incoming, out=mine)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
-from ..transport.p2p import BYTE
+from ..transport.p2p import BYTE, TAG
 from .ring import chunk_bounds, ring_allgather_
 from .tree import tree_broadcast_
 
@@ -81,12 +81,12 @@ def _staged_step(out_dev: Any, out_host: np.ndarray, in_dev: Any, inbox: np.ndar
     # last step's inbox -> device copies are done; one tag is enough because MPI keeps the
     # messages between two ranks on one tag in order.
     dev.wait(inbox_free)
-    incoming = [comm.Irecv([inbox[a:b], BYTE], source=left) for a, b in recvs]
+    incoming = [comm.Irecv([inbox[a:b], BYTE], source=left, tag=TAG) for a, b in recvs]
     # Send each segment as soon as its copy has landed in pinned memory.
     outgoing = []
     for (a, b), event in zip(sends, ready):
         dev.wait(event)
-        outgoing.append(comm.Isend([out_host[a:b], BYTE], dest=right))
+        outgoing.append(comm.Isend([out_host[a:b], BYTE], dest=right, tag=TAG))
     # As each segment arrives, queue its copy to the device and its reduction there; the host
     # goes straight back to waiting for the next segment while the GPU works.
     for (a, b), request in zip(recvs, incoming):

@@ -39,11 +39,14 @@ class Params:
 
     def group(self, names: Sequence[str]) -> None:
         """Declare that backward writes (and announces) these consecutive parameters together,
-        as a layer's weight and bias: overlap's buckets never split them."""
+        as a layer's weight and bias: overlap's buckets never split them. Parameters that are
+        not consecutive, or already in another group, stay alone (a bucket may split them)."""
         unit = tuple(sorted(self.index[n] for n in names))
+        if self._units.get(unit[0]) == unit:
+            return                      # (the same layer built twice over one Params)
         if list(unit) != list(range(unit[0], unit[0] + len(unit))) or any(
                 i in u for u in self._units.values() for i in unit):
-            raise ValueError(f"a group must be consecutive parameters in no other group, got {list(names)}")
+            return                      # not consecutive, or overlapping: each parameter alone
         self._units[unit[0]] = unit
 
     def units(self) -> list[tuple[int, ...]]:

@@ -181,6 +181,12 @@ class DistributedOptimizer:
         offsets = np.cumsum([0] + [g.size for g in grads]).tolist()
         return [(offsets[b[0]], offsets[b[-1] + 1]) for b in plan]
 
+    def close(self) -> None:
+        """Stop listening to the model's backward (another DistributedOptimizer may then wrap
+        the same parameters). Buckets in flight are not waited for: call step() first."""
+        if self._reducer is not None:
+            self._reducer.close()
+
     def no_sync(self):
         """`with opt.no_sync():` backward passes accumulate without communicating (DDP's name);
         the next pass outside starts the all-reduce of their mean (training/overlap.py)."""
@@ -229,7 +235,8 @@ class DistributedOptimizer:
         engine, op, contributors = self._prepare(), self.op, size()
 
         def work() -> None:
-            self._sent += engine.reduce_bucket_(span, bucket.lo, shapes, op, contributors, self._reduce)
+            sent = engine.reduce_bucket_(span, bucket.lo, shapes, op, contributors, self._reduce)
+            self._sent += sent          # (the only writer while buckets are in flight)
         return start(f"{self.compression.name} bucket of {len(shapes)} ({span.nbytes} B)", work)
 
     def step(self) -> None:

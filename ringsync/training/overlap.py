@@ -115,11 +115,26 @@ class Reducer:
     # -- the hook: backward has written some gradients -------------------------------------
 
     def before_backward(self) -> None:
-        """Refuse a backward pass once the step's gradients are complete, before it writes any."""
+        """Refuse a backward pass once the step's gradients are complete, before it writes any;
+        forget a pass that an exception cut short (its buckets in flight are waited for)."""
         if self.final and self.hooked:
             raise RuntimeError("a backward pass after the gradients were complete: call step() "
                                f"after every {self.passes} backward pass(es) (backward_passes_per_step), "
                                "or run the extra passes inside no_sync()")
+        if self.seen or self.handles:
+            self._abandon_pass()
+
+    def _abandon_pass(self) -> None:
+        """The last pass raised part-way: wait for the buckets it started (their results are
+        overwritten by the pass that follows; an error of theirs is dropped with them), and
+        start the pass over. Gradients it averaged in place are written again by the next."""
+        handles, self.handles = self.handles, []
+        for h in handles:
+            try:
+                synchronize(h)
+            except Exception:  # noqa: BLE001, S110 - the abandoned pass's; the redone one reports its own
+                pass
+        self._reset_pass()
 
     def _on_ready(self, names: list[str]) -> None:
         if not self.hooked:

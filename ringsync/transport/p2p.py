@@ -23,7 +23,10 @@ import time
 from mpi4py import MPI
 
 BYTE = MPI.BYTE
-ANY_TAG = MPI.ANY_TAG
+# The algorithms' messages travel on tag 0, and their receives take tag 0 only: an opening's
+# message (agreement.py, tag 1) from a rank that has moved on can never land in an algorithm's
+# buffer (it waits for the opening that will take it, which checks its size).
+TAG = 0
 
 SPIN_S = 20e-6          # test without a pause this long: a message already under way lands
 NAP_MIN_S = 20e-6       # then sleep between tests, doubling each time ...
@@ -60,7 +63,7 @@ def wait_all(requests: list[MPI.Request], statuses: list[MPI.Status] | None = No
 
 
 def sendrecv(comm: MPI.Comm, send: object, dest: int, recv: object, source: int,
-             tag: int = 0, recvtag: int = ANY_TAG, status: MPI.Status | None = None) -> None:
+             tag: int = TAG, recvtag: int = TAG, status: MPI.Status | None = None) -> None:
     """comm.Sendrecv of raw bytes (`send`, `recv`: arrays or memoryviews)."""
     if not _waiting.patient:
         comm.Sendrecv([send, BYTE], dest, tag, [recv, BYTE], source, recvtag, status)
@@ -72,17 +75,17 @@ def sendrecv(comm: MPI.Comm, send: object, dest: int, recv: object, source: int,
 def send(comm: MPI.Comm, buf: object, dest: int) -> None:
     """comm.Send of raw bytes."""
     if not _waiting.patient:
-        comm.Send([buf, BYTE], dest=dest)
+        comm.Send([buf, BYTE], dest=dest, tag=TAG)
     else:
-        wait_all([comm.Isend([buf, BYTE], dest=dest)])
+        wait_all([comm.Isend([buf, BYTE], dest=dest, tag=TAG)])
 
 
 def recv(comm: MPI.Comm, buf: object, source: int) -> None:
     """comm.Recv of raw bytes (exactly as many as `buf` holds, or fewer: MPI's rule)."""
     if not _waiting.patient:
-        comm.Recv([buf, BYTE], source=source)
+        comm.Recv([buf, BYTE], source=source, tag=TAG)
     else:
-        wait_all([comm.Irecv([buf, BYTE], source=source)])
+        wait_all([comm.Irecv([buf, BYTE], source=source, tag=TAG)])
 
 
 def wait(request: MPI.Request) -> None:

@@ -35,7 +35,9 @@ only on such processors.
 
 Waiting: a rank spins briefly on the counters, then yields the core between looks. With
 more ranks than cores (4 ranks on 2 cores), a rank that only spun would hold the very core
-the rank it waits for needs. A wait is an ordinary Python loop inside a collective, so the
+the rank it waits for needs. The asynchronous API's communication thread (handles.py) sleeps
+between looks instead, its naps growing as transport/p2p.py's do: a yield would hand the core
+back to it at once, taking it from its own rank's computing thread. A wait is an ordinary Python loop inside a collective, so the
 stall inspector (stall.py) sees a stuck one like any other.
 
 Poison: a rank that raises inside a collective (out of memory, a caught Ctrl-C, a bug) never
@@ -56,10 +58,13 @@ import os
 import platform
 import secrets
 import tempfile
+import time
 from collections.abc import Sequence
 
 import numpy as np
 from mpi4py import MPI
+
+from .p2p import NAP_MAX_S, NAP_MIN_S, is_patient
 
 LINE_BYTES = 64             # a control line: the stage (int64), the trailer (32 bytes), the poison word
 CONTROL_BYTES = 2 * LINE_BYTES
@@ -339,11 +344,17 @@ class NodeSegment:
     def _wait_for(self, counter: memoryview, target: int) -> None:
         """Until counter[0] >= target: spin a little, then yield the core between looks, and
         between yields look for a poison word (then raise PeerFailedError)."""
-        spins = 0
+        spins, nap = 0, 0.0
         while counter[0] < target:
             spins += 1
             if spins > SPINS_BEFORE_YIELD:
-                os.sched_yield()
+                if nap:
+                    time.sleep(nap)         # the communication thread: leave the core (p2p.py)
+                    nap = min(2 * nap, NAP_MAX_S)
+                elif spins == SPINS_BEFORE_YIELD + 1 and is_patient():
+                    nap = NAP_MIN_S
+                else:
+                    os.sched_yield()
                 for word in self.poisons:
                     if word[0]:
                         self.poison(word[0])
