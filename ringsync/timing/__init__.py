@@ -125,9 +125,11 @@ class Recorder:
         self._span("step", self.start_t, t)
         # The communication thread's calls of this step: all finished by now (step() waits
         # for them); hidden is their part before the compute ended, the rest was exposed.
-        spans, cut = self.thread_spans, self.compute_end if self.compute_end is not None else t
-        comm_s = sum(t1 - t0 for t0, t1 in spans)
-        hidden_s = sum(max(0.0, min(t1, cut) - t0) for t0, t1 in spans)
+        spans, comm_s, hidden_s = self.thread_spans, 0.0, 0.0
+        if spans:
+            cut = self.compute_end if self.compute_end is not None else t
+            comm_s = sum(t1 - t0 for t0, t1 in spans)
+            hidden_s = sum(max(0.0, min(t1, cut) - t0) for t0, t1 in spans)
         row = (t - self.start_t, self.barrier_s, self.collective_s, comm_s, hidden_s)
         self.pending.append(row)
         self.start_t = None

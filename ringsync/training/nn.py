@@ -35,6 +35,7 @@ class Params:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.offsets = self._grads.offsets      # parameter i is flat[offsets[i]:offsets[i + 1]]
         self._grad_hooks: list[Callable[[list[str]], None]] = []
+        self.announces_grads = False    # whether anyone listens: a model may skip the calls otherwise
         self._units: dict[int, tuple[int, ...]] = {}    # first index -> parameters written together
 
     def group(self, names: Sequence[str]) -> None:
@@ -67,15 +68,12 @@ class Params:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self._grad_hooks.append(fn)
+        self.announces_grads = True
 
     def remove_grad_hook(self, fn: Callable[[list[str]], None]) -> None:
         while fn in self._grad_hooks:
             self._grad_hooks.remove(fn)
-
-    @property
-    def announces_grads(self) -> bool:
-        """Whether anyone listens to grads_ready (a model may skip the calls otherwise)."""
-        return bool(self._grad_hooks)
+        self.announces_grads = bool(self._grad_hooks)
 
     def backward_starts(self) -> None:
         """A backward pass is about to write gradients: the hooks may refuse it (raise) while

@@ -138,9 +138,14 @@ class DistributedOptimizer:
         self._agreed = self.compression.name == "none"    # the handshake is still to come
         if self.compression.name != "none":
             self._check_compressible(grads)
+        # The reducer (training/overlap.py) listens to the model's backward: only when there is
+        # something to listen for (overlap, passes to accumulate, backward's buckets, no_sync()),
+        # so that the plain step pays nothing for it.
         self._reducer: Reducer | None = None
+        self._passes = int(passes)
         if isinstance(self.params, Params):
-            self._reducer = self._make_reducer(int(passes))
+            if overlap or passes > 1 or buckets != "fused":
+                self._reducer = self._make_reducer(self._passes)
         elif overlap or passes > 1 or buckets != "fused":
             raise TypeError("overlap, backward_passes_per_step and buckets='backward' need a "
                             "ringsync.training.nn Params (its model announces gradients), got "
@@ -191,7 +196,9 @@ class DistributedOptimizer:
         """`with opt.no_sync():` backward passes accumulate without communicating (DDP's name);
         the next pass outside starts the all-reduce of their mean (training/overlap.py)."""
         if self._reducer is None:
-            raise TypeError("no_sync() needs a ringsync.training.nn Params (its model announces gradients)")
+            if not isinstance(self.params, Params):
+                raise TypeError("no_sync() needs a ringsync.training.nn Params (its model announces gradients)")
+            self._reducer = self._make_reducer(self._passes)
         return self._reducer.no_sync()
 
     # -- the buckets of overlap (and of buckets="backward") -------------------------------------
