@@ -60,7 +60,7 @@ from .collectives import (
 from .context import world
 from .fusion import FlatViews, check_group, checked_arrays, grouped_allreduce_
 from .transport import gpu
-from .transport.p2p import be_patient
+from .transport.p2p import be_patient, hurry
 from .transport.shm import PeerFailedError
 
 if TYPE_CHECKING:
@@ -144,8 +144,7 @@ class CommThread:
         """Wait until every submitted call has finished (a blocking call runs after them);
         RuntimeError if one of them left this rank out of step with the others."""
         with self.cond:
-            while self.pending:
-                self.cond.wait()
+            self._wait_until(lambda: not self.pending)
         if self.broken is not None:
             raise RuntimeError(f"an asynchronous call failed on this rank, so the ranks are out of "
                                f"step ({type(self.broken).__name__}: {self.broken}); synchronize() "
@@ -153,8 +152,18 @@ class CommThread:
 
     def wait(self, handle: Handle) -> None:
         with self.cond:
-            while not handle.done:
+            self._wait_until(lambda: handle.done)
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        """(Holding the lock) sleep until done(); meanwhile the thread's waits hurry (p2p.Hurry)."""
+        if done():
+            return
+        hurry.waiting += 1
+        try:
+            while not done():
                 self.cond.wait()
+        finally:
+            hurry.waiting -= 1
 
     def stop(self) -> None:
         """End the thread (once idle). Idempotent."""
@@ -292,8 +301,7 @@ def close(w: World) -> None:
     outstanding, failed = 0, 0
     if t is not None:
         with t.cond:
-            while t.pending:
-                t.cond.wait()
+            t._wait_until(lambda: not t.pending)
             outstanding = len(t.live)
             failed = sum(1 for h in t.live.values() if h.error is not None)
         if t.broken is not None:

@@ -331,6 +331,23 @@ def test_training_across_hosts_equals_one_rank(shared):
     assert (num / den) ** 0.5 <= 1e-4
 
 
+def test_overlap_across_hosts_gives_the_bits_of_overlap_off(shared):
+    """--overlap against the same buckets after backward, on hosts of 2 and 1 ranks (the
+    hierarchical all-reduce, its rings across the link): the same parameters, bit for bit."""
+    steps = ["-m", "ringsync.training.train", "--quiet", "--max-steps", "12", "--fusion-mb", "0.02"]
+    env = {"RINGSYNC_FIRST_BUCKET_BYTES": "4096"}
+    digests = {}
+    with Cluster.up(ClusterSpec([2, 1])) as cluster:
+        for name, flags in (("on", ["--overlap"]), ("off", ["--buckets", "backward"])):
+            done = run(cluster, [*steps, *flags, "--report", str(shared / f"{name}.json")], env=env)
+            assert done.returncode == 0, done.stderr[-3000:]
+            doc = json.loads((shared / f"{name}.json").read_text())
+            assert doc["params_identical_across_ranks"] is True and doc["bucket_count"] == 3, doc["bucket_count"]
+            digests[name] = doc["params_sha256"]
+    assert digests["on"] == digests["off"]
+    assert doc["overlap_enabled"] is False and "overlap" not in doc
+
+
 CLI = [sys.executable, "-m", "ringsync.cluster.cli"]
 SLEEPER = """
 import sys, time

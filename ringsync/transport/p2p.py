@@ -13,10 +13,13 @@ thread that called be_patient() waits another way: it posts the nonblocking call
 them for SPIN_S, then sleeps between tests, each nap twice the last, from NAP_MIN_S up to
 NAP_MAX_S. MPI moves bytes only inside a call (neither MPI here has a progress thread), so
 a nap is time in which a link may sit idle once the socket's buffers are full: NAP_MAX_S
-bounds it (docs/overlap.md measures what the naps cost).
+bounds it (docs/overlap.md measures what the naps cost). While the caller's thread itself
+waits for the communication thread (Hurry), nothing of this rank computes: the tests then
+only yield the core between them, without napping.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -40,6 +43,18 @@ class _Waiting(threading.local):
 _waiting = _Waiting()
 
 
+class Hurry:
+    """Process-wide: how many threads are blocked waiting for the communication thread's work
+    (handles.py sets it around synchronize() and the wait before a blocking call). While one
+    is, no computing thread of this rank needs the core, and patient waits only yield it
+    between tests instead of napping: the exposed part of the communication runs at full speed."""
+
+    waiting = 0
+
+
+hurry = Hurry()
+
+
 def be_patient() -> None:
     """From now on, this thread's waits sleep between tests instead of spinning."""
     _waiting.patient = True
@@ -57,7 +72,9 @@ def wait_all(requests: list[MPI.Request], statuses: list[MPI.Status] | None = No
     clock = time.perf_counter
     spin_until, nap = clock() + SPIN_S, NAP_MIN_S
     while not test(requests, statuses):
-        if clock() > spin_until:
+        if hurry.waiting:
+            os.sched_yield()        # the caller waits for us: test at full speed
+        elif clock() > spin_until:
             time.sleep(nap)
             nap = min(2 * nap, NAP_MAX_S)
 

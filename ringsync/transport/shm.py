@@ -64,7 +64,7 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
-from .p2p import NAP_MAX_S, NAP_MIN_S, is_patient
+from .p2p import NAP_MAX_S, NAP_MIN_S, hurry, is_patient
 
 LINE_BYTES = 64             # a control line: the stage (int64), the trailer (32 bytes), the poison word
 CONTROL_BYTES = 2 * LINE_BYTES
@@ -348,9 +348,11 @@ class NodeSegment:
         while counter[0] < target:
             spins += 1
             if spins > SPINS_BEFORE_YIELD:
-                if nap:
+                if nap and not hurry.waiting:
                     time.sleep(nap)         # the communication thread: leave the core (p2p.py)
                     nap = min(2 * nap, NAP_MAX_S)
+                elif nap:
+                    os.sched_yield()        # ... unless its caller waits for it (p2p.Hurry)
                 elif spins == SPINS_BEFORE_YIELD + 1 and is_patient():
                     nap = NAP_MIN_S
                 else:
