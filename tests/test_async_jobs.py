@@ -166,3 +166,27 @@ def test_an_uncaught_error_from_synchronize_ends_the_job():
     assert "uncaught exception on rank 1" in done.stderr, done.stderr[-3000:]
     assert "injected failure in the communication thread" in done.stderr
     assert not [line for line in program_lines(done.stdout)], done.stdout
+
+
+STALLED_ASYNC = """
+import os, time
+os.environ["RINGSYNC_STALL_WARNING_S"] = "0.5"
+import numpy as np
+import ringsync as rs
+rs.init()
+h = rs.allreduce_async_(np.ones(4), name="late") if rs.rank() == 0 else None
+if rs.rank() == 1:
+    time.sleep(3)                   # rank 0's call waits on its communication thread meanwhile
+    h = rs.allreduce_async_(np.ones(4), name="late")
+else:
+    time.sleep(2.5)                 # rank 0's own thread computes: only its communication thread is inside
+rs.synchronize(h)
+rs.shutdown()
+"""
+
+
+def test_the_stall_inspector_sees_a_call_waiting_on_the_communication_thread():
+    done = run_mpi(2, ["-c", STALLED_ASYNC], timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"stall inspector: rank 0 has waited [\d.]+ s in allreduce 'late' \(call #\d+\): "
+                     r"it is waiting for rank 1", done.stderr), done.stderr

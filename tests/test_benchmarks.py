@@ -207,3 +207,16 @@ def test_compression_runs_every_compressor(tmp_path):
         assert 0 < rows[size, "powersgd:1"]["rel_error"] <= 1.0 and rows[size, "powersgd:1"]["decompress_us"] > 0
     assert all(r["time_us"] > 0 and len(r["rounds_us"]) == 2 for r in doc["results"])
     assert "start_iter=0" in doc["meta"]["signatures"]["powersgd:1"] and doc["meta"]["ranks"] == 2
+
+
+def test_compression_bytes_gives_each_compressor_s_ratio():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compression_bytes.py")], check=False,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in done.stdout.splitlines() if not line.startswith("#")}
+    assert rows[("digits", "none")] == ["68,904", "1.00"] and rows[("digits", "fp16")] == ["34,452", "2.00"]
+    # PowerSGD rank 1: each n x m matrix sends n + m values, the vectors all of theirs (float32)
+    sizes = [1024, 2048, 2048, 2048, 10]
+    expected = 4 * sum((n + m) * 1 + m for n, m in zip(sizes, sizes[1:]))
+    assert rows[("sized", "powersgd:1")][0] == f"{expected:,}", (rows[("sized", "powersgd:1")], expected)
+
