@@ -8,6 +8,8 @@ import pytest
 from mpitools import ROOT, mpiexec_command, run_mpi
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import itertools
+
 import benchlib as bl
 
 
@@ -217,6 +219,6 @@ def test_compression_bytes_gives_each_compressor_s_ratio():
     assert rows[("digits", "none")] == ["68,904", "1.00"] and rows[("digits", "fp16")] == ["34,452", "2.00"]
     # PowerSGD rank 1: each n x m matrix sends n + m values, the vectors all of theirs (float32)
     sizes = [1024, 2048, 2048, 2048, 10]
-    expected = 4 * sum((n + m) * 1 + m for n, m in zip(sizes, sizes[1:]))
+    expected = 4 * sum((n + m) * 1 + m for n, m in itertools.pairwise(sizes))
     assert rows[("sized", "powersgd:1")][0] == f"{expected:,}", (rows[("sized", "powersgd:1")], expected)
 
