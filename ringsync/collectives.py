@@ -375,6 +375,8 @@ def checked_allreduce_(flat: np.ndarray, op: str, shape: tuple, name: str | None
 def _all_finite(flat: np.ndarray | Scattered) -> bool:
     if type(flat) is Scattered:
         return flat.all_finite()
+    if isinstance(flat, np.ndarray):
+        return ops.all_finite(flat)
     return bool(gpu.array_module(flat).isfinite(flat).all())
 
 

@@ -88,6 +88,20 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or _is_bfloat16(dtype)
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value of the host float array `x` is finite (no NaN, no Inf).
+
+    A 16-bit float (float16, bfloat16) is judged by its bits: exponent all ones means Inf or
+    NaN, so the largest |bits| is compared with Inf's. NumPy's isfinite widens every float16
+    value one at a time, about 15 times slower; this is what fp16 compression pays per bucket."""
+    if x.dtype.itemsize == 2 and is_float(x.dtype):
+        if x.size == 0:
+            return True
+        inf_bits = int(np.array(np.inf, x.dtype).view(np.uint16))
+        return int(np.max(x.view(np.uint16) & 0x7FFF)) < inf_bits
+    return bool(np.isfinite(x).all())
+
+
 def finfo(dtype: np.dtype) -> np.finfo:
     """np.finfo, or ml_dtypes.finfo for bfloat16 (older NumPy's finfo does not know it)."""
     if dtype.kind == "f":

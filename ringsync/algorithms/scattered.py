@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import ops
 from ..transport.memcopy import CHECKED_BYTES, copy_
 
 
@@ -77,4 +78,4 @@ class Scattered:
 
     def all_finite(self) -> bool:
         """No NaN or Inf in any of the arrays."""
-        return all(np.isfinite(a).all() for a in self.arrays)
+        return all(ops.all_finite(a) for a in self.arrays)

@@ -345,7 +345,7 @@ class CastEngine:
         try:
             with np.errstate(over="ignore"):        # (an overflow is caught just below)
                 reduce(payload, shapes, ops.Sum)
-            finite = bool(np.isfinite(payload).all())
+            finite = ops.all_finite(payload)
         except FloatingPointError:
             # RINGSYNC_CHECK_FINITE: some rank's payload passed float16's range (every rank
             # raises alike, the payload untouched); the fallback's own call checks the gradient.
