@@ -200,3 +200,26 @@ def test_a_rank_that_raises_mid_collective_makes_the_others_raise(nranks):
     assert sorted(int(q) for q, _ in later) == list(range(nranks)) and all(t == why for _, t in later), out
     assert sorted(re.findall(r"rank \d+: again \d+", out)) == [f"rank {q}: again {nranks}" for q in range(nranks)], out
     assert time.monotonic() - start < 60
+
+
+def test_a_peer_that_fails_after_passing_the_sync_point_does_not_fail_this_sync(monkeypatch):
+    """A waiter that looks late (descheduled under load) may see a poison word set by a peer
+    that had already passed this sync point and failed in a later call: the sync point is
+    complete, and the failure belongs to the next one (found by the make test loop: the
+    slow rank raised PeerFailedError for an all-reduce that had succeeded everywhere)."""
+    from ringsync.transport import shm
+
+    counter, poison = (memoryview(bytearray(8)).cast("q") for _ in range(2))
+    seg = shm.NodeSegment.__new__(shm.NodeSegment)          # the wait alone, no segment behind it
+    seg.poisons, seg.failure, seg.rank = [memoryview(bytearray(8)).cast("q"), poison], 0, 0
+
+    def peer_passes_then_fails():
+        counter[0] = 1                                     # the peer reaches the sync point...
+        poison[0] = shm.poison_word("allreduce", 2, 1)     # ... then raises in its next call
+
+    monkeypatch.setattr(shm.os, "sched_yield", peer_passes_then_fails)
+    seg._wait_for(counter, 1)
+    assert seg.failure == 0
+    monkeypatch.setattr(shm.os, "sched_yield", lambda: None)
+    with pytest.raises(shm.PeerFailedError, match="rank 1 raised inside allreduce"):
+        seg._wait_for(counter, 2)                          # one it never reaches: raises

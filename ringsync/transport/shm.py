@@ -358,7 +358,9 @@ class NodeSegment:
                 else:
                     os.sched_yield()
                 for word in self.poisons:
-                    if word[0]:
+                    # (a peer past this sync point may have failed since, in a later call:
+                    # that is not this sync's failure; the next sync point will see it)
+                    if word[0] and counter[0] < target:
                         self.poison(word[0])
 
     def poison(self, word: int) -> None:
