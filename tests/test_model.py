@@ -73,20 +73,6 @@ def test_ringsync_choice_follows_the_thresholds():
     assert alg.ringsync_choice(64 << 20, ONE_HOST_4, s) == "shared"
 
 
-@pytest.mark.parametrize("gain, expected", [(0.05, "default"), (0.09, "default"), (0.11, "other"), (0.5, "other")])
-def test_the_tuner_overrides_the_thresholds_only_for_a_clear_predicted_gain(monkeypatch, gain, expected):
-    from ringsync.model.tuner import MARGIN, Tuner
-    assert MARGIN == 0.10
-    top, n = Topology((1, 1), 10**9), 100 << 10
-    tuner = Tuner(Calibration(), top, Settings(), shared=False, payload_limit=0)
-    default = alg.ringsync_choice(n, top, Settings(), False)
-    other = next(a for a in tuner.candidates(n, False) if a != default)
-    costs = {name: 1.0 for name in tuner.candidates(n, False)}
-    costs[other] = 1.0 - gain
-    monkeypatch.setattr(tuner, "predict", lambda nbytes, name, checked=True: costs[name])
-    assert tuner.choose(n, False) == {"default": default, "other": other}[expected]
-
-
 def test_seconds_prices_terms_and_derives_an_unfitted_rate():
     cal = Calibration(nets={10**9: (50e-6, 8.5e-9)})
     assert math.isclose(alg.seconds({"net.alpha": 2, "net.beta": 1000}, cal, 10**9), 100e-6 + 8.5e-6)

@@ -74,9 +74,7 @@ def test_the_models_pick_follows_the_costs_and_sums_right(rs, folder, slow):
                     assert (host_algorithm(n, checked=True) == "ride") == (n <= edge), (n, edge)
             shm = world().node is not None
             if slow == "shared memory" and shm:
-                # (at 4 bytes every path pays the opening's one sync: no clear gain, so the
-                # thresholds' ride stays: tuner.MARGIN)
-                assert not {"shared", "ride"} & set(picked[1:]), picked
+                assert not {"shared", "ride"} & set(picked), picked
             if slow == "messages" and shm:
                 assert set(picked) <= {"shared", "ride"}, picked
         assert COMM.allgather(picked) == [picked] * COMM.size

@@ -1,10 +1,6 @@
 """The model picks each all-reduce's algorithm (RINGSYNC_MODEL=calibration.json), as NCCL's
 tuner does: the predicted time of every algorithm ringsync implements that this World can
-run, the fastest wins, but only by a clear margin: where the fastest is predicted less than
-MARGIN faster than the thresholds' own pick, that pick stays, since the model's error at a
-given size is several percent and a smaller predicted gain is no gain at all (measured: on 2
-hosts at 1 Gbit/s it preferred recursive doubling to the ring by 4% at 64-256 KB, and the
-ring was 2-3% faster). Without a calibration, choice.py's thresholds pick.
+run, the fastest wins. Without a calibration, choice.py's thresholds pick.
 
 Every rank picks alike: the ranks have compared the file's content hash at init() (a
 setting like any other), they price the same Topology, and a call's size is checked by the
@@ -14,12 +10,8 @@ each would have picked. Rabenseifner and the tree are not candidates: ringsync h
 from __future__ import annotations
 
 from ..config import Settings
-from .algorithms import ringsync_choice, ringsync_terms, seconds
+from .algorithms import ringsync_terms, seconds
 from .params import Calibration, Topology
-
-# The least predicted gain, as a share of the thresholds' pick's time, for which the model
-# overrides that pick.
-MARGIN = 0.10
 
 
 class Tuner:
@@ -59,14 +51,9 @@ class Tuner:
         if picked is None:
             if len(self._picked) > 4096:
                 self._picked.clear()
-            candidates = self.candidates(nbytes, checked)
             # (ties go to the first listed: the same on every rank)
-            picked = min(candidates, key=lambda name: self.predict(nbytes, name, checked))
-            default = ringsync_choice(nbytes, self.topology, self.settings, checked)
-            if default in candidates and \
-                    self.predict(nbytes, picked, checked) > (1 - MARGIN) * self.predict(nbytes, default, checked):
-                picked = default
-            self._picked[key] = picked
+            picked = self._picked[key] = min(self.candidates(nbytes, checked),
+                                             key=lambda name: self.predict(nbytes, name, checked))
         return picked
 
     def riding_limit(self) -> int:

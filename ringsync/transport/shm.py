@@ -46,7 +46,9 @@ exception on its way out and poison the segment: the rank writes a word naming i
 collective and its call number into its control line, and from then on every sync point of
 this rank raises PeerFailedError. A waiting rank looks at every rank's poison word between
 yields (never while it spins: the fast path costs nothing), raises PeerFailedError with
-the same message, and poisons its own line too. The segment stays poisoned for good: every
+the same message, and poisons its own line too; but not if the rank it waits for has
+reached the sync point meanwhile (a waiter descheduled under load may look late): a failure
+after this point belongs to the next sync point, where it raises. The segment stays poisoned for good: every
 later collective that syncs on it raises at once, on every rank of the node. (shutdown() and
 init() make a new one.)
 """
