@@ -94,7 +94,7 @@ def all_finite(x: np.ndarray) -> bool:
     A 16-bit float (float16, bfloat16) is judged by its bits: exponent all ones means Inf or
     NaN, so the largest |bits| is compared with Inf's. NumPy's isfinite widens every float16
     value one at a time, about 15 times slower; this is what fp16 compression pays per bucket."""
-    if x.dtype.itemsize == 2 and is_float(x.dtype):
+    if x.dtype.itemsize == 2 and x.dtype.isnative and is_float(x.dtype):
         if x.size == 0:
             return True
         inf_bits = int(np.array(np.inf, x.dtype).view(np.uint16))

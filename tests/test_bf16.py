@@ -53,6 +53,10 @@ def test_all_finite_judges_every_16_bit_pattern_as_isfinite_does(dtype):
     assert ops.all_finite(grid[:, 1:]) and ops.all_finite(grid[1::2]) and not ops.all_finite(grid[::2])
     assert ops.all_finite(every[:0])
     assert not ops.all_finite(np.array([1.0, np.nan], np.float32)) and ops.all_finite(np.ones(3, np.int16))
+    inf_bits = int(np.array(np.inf, dtype).view(np.uint16))
+    tiny = np.array([inf_bits], np.uint16).byteswap().view(dtype)     # finite: a subnormal
+    assert np.isfinite(tiny.astype(np.float32)).all()
+    assert ops.all_finite(tiny.astype(dtype.newbyteorder()))           # stored as Inf's bits
 
 
 def test_a_bfloat16_array_is_supported_once_seen():
