@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 from mpitools import ROOT
+from test_compression import check_all_finite
 
 from ringsync import agreement, ops
 from ringsync.agreement import ALLREDUCE, Call, MismatchError, judge, make_record
@@ -40,23 +41,8 @@ def test_is_float_and_finfo():
     assert ops.finfo(np.dtype(np.float16)).eps == np.finfo(np.float16).eps
 
 
-@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=["float16", "bfloat16"])
-def test_all_finite_judges_every_16_bit_pattern_as_isfinite_does(dtype):
-    every = np.arange(1 << 16, dtype=np.uint64).astype(np.uint16).view(dtype)
-    finite = np.isfinite(every.astype(np.float32))
-    assert 0 < finite.sum() < every.size
-    for value, expected in zip(every.reshape(-1, 1), finite):
-        assert ops.all_finite(value) == expected, value.view(np.uint16)
-    assert ops.all_finite(every[finite]) and not ops.all_finite(every)
-    grid = every[finite][:7 * 3000].reshape(-1, 7).copy()
-    grid[::2, 0] = np.inf                                           # strided, 2-D: only where seen
-    assert ops.all_finite(grid[:, 1:]) and ops.all_finite(grid[1::2]) and not ops.all_finite(grid[::2])
-    assert ops.all_finite(every[:0])
-    assert not ops.all_finite(np.array([1.0, np.nan], np.float32)) and ops.all_finite(np.ones(3, np.int16))
-    inf_bits = int(np.array(np.inf, dtype).view(np.uint16))
-    tiny = np.array([inf_bits], np.uint16).byteswap().view(dtype)     # finite: a subnormal
-    assert np.isfinite(tiny.astype(np.float32)).all()
-    assert ops.all_finite(tiny.astype(dtype.newbyteorder()))           # stored as Inf's bits
+def test_all_finite_judges_every_bfloat16_pattern_as_isfinite_does():
+    check_all_finite(BF16)
 
 
 def test_a_bfloat16_array_is_supported_once_seen():

@@ -36,6 +36,31 @@ def bf16_or_skip():
 
 # --- error feedback, by hand --------------------------------------------------------------------
 
+def check_all_finite(dtype):
+    """ops.all_finite against np.isfinite on every bit pattern of the 16-bit float `dtype`."""
+    every = np.arange(1 << 16, dtype=np.uint64).astype(np.uint16).view(dtype)
+    finite = np.isfinite(every.astype(np.float32))
+    assert 0 < finite.sum() < every.size
+    for value, expected in zip(every.reshape(-1, 1), finite):
+        assert ops.all_finite(value) == expected, value.view(np.uint16)
+    assert ops.all_finite(every[finite]) and not ops.all_finite(every)
+    grid = every[finite][:7 * 3000].reshape(-1, 7).copy()
+    grid[::2, 0] = np.inf                                           # strided, 2-D: only where seen
+    assert ops.all_finite(grid[:, 1:]) and ops.all_finite(grid[1::2]) and not ops.all_finite(grid[::2])
+    assert ops.all_finite(every[:0])
+    assert not ops.all_finite(np.array([1.0, np.nan], np.float32)) and ops.all_finite(np.ones(3, np.int16))
+    inf_bits = int(np.array(np.inf, dtype).view(np.uint16))
+    tiny = np.array([inf_bits], np.uint16).byteswap().view(dtype)     # finite: a subnormal
+    assert np.isfinite(tiny.astype(np.float32)).all()
+    assert ops.all_finite(tiny.astype(dtype.newbyteorder()))           # stored as Inf's bits
+    assert ops.all_finite(grid[:, 1::2]) and ops.all_finite(grid[::-1, 3]) and ops.all_finite(grid[::-3, 1::3])
+    assert ops.all_finite(np.array(every[1], dtype)) and not ops.all_finite(np.array(np.inf, dtype))   # 0-d
+
+
+def test_all_finite_judges_every_float16_pattern_as_isfinite_does():
+    check_all_finite(np.dtype(np.float16))
+
+
 def test_fp16_error_feedback_by_hand():
     """g = 1 + 2**-12 each step, in float32. float16 has 10 fraction bits (spacing 2**-10 at 1):
     step 1 sends 1 + 2**-12 -> 1, keeps e = 2**-12; step 2 sends 1 + 2**-11 (a tie: to even,

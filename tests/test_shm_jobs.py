@@ -213,13 +213,16 @@ def test_a_peer_that_fails_after_passing_the_sync_point_does_not_fail_this_sync(
     seg = shm.NodeSegment.__new__(shm.NodeSegment)          # the wait alone, no segment behind it
     seg.poisons, seg.failure, seg.rank = [memoryview(bytearray(8)).cast("q"), poison], 0, 0
 
+    yields = []
+
     def peer_passes_then_fails():
+        assert len(yields) < 10, "the wait neither returned nor raised"
+        yields.append(1)
         counter[0] = 1                                     # the peer reaches the sync point...
         poison[0] = shm.poison_word("allreduce", 2, 1)     # ... then raises in its next call
 
     monkeypatch.setattr(shm.os, "sched_yield", peer_passes_then_fails)
     seg._wait_for(counter, 1)
-    assert seg.failure == 0
-    monkeypatch.setattr(shm.os, "sched_yield", lambda: None)
+    assert seg.failure == 0 and yields == [1]
     with pytest.raises(shm.PeerFailedError, match="rank 1 raised inside allreduce"):
         seg._wait_for(counter, 2)                          # one it never reaches: raises

@@ -48,7 +48,8 @@ this rank raises PeerFailedError. A waiting rank looks at every rank's poison wo
 yields (never while it spins: the fast path costs nothing), raises PeerFailedError with
 the same message, and poisons its own line too; but not if the rank it waits for has
 reached the sync point meanwhile (a waiter descheduled under load may look late): a failure
-after this point belongs to the next sync point, where it raises. The segment stays
+after this point (later in this call or in a later one) belongs to the next sync point,
+where it raises. The segment stays
 poisoned for good: every later collective that syncs on it raises at once, on every rank of
 the node. (shutdown() and init() make a new one.)
 """
@@ -345,7 +346,8 @@ class NodeSegment:
 
     def _wait_for(self, counter: memoryview, target: int) -> None:
         """Until counter[0] >= target: spin a little, then yield the core between looks, and
-        between yields look for a poison word (then raise PeerFailedError)."""
+        between yields look for a poison word (then, if the counter is still short of the
+        target, raise PeerFailedError)."""
         spins, nap = 0, 0.0
         while counter[0] < target:
             spins += 1
@@ -360,10 +362,14 @@ class NodeSegment:
                 else:
                     os.sched_yield()
                 for word in self.poisons:
-                    # (a peer past this sync point may have failed since, in a later call:
-                    # that is not this sync's failure; the next sync point will see it)
-                    if word[0] and counter[0] < target:
-                        self.poison(word[0])
+                    if word[0]:
+                        # A peer past this sync point may have failed since (later in this
+                        # call, or in a later one): not this sync's failure, the next sync
+                        # point's. (The word, then the counter: read in that order.)
+                        if FENCE:
+                            self.sync_memory()
+                        if counter[0] < target:
+                            self.poison(word[0])
 
     def poison(self, word: int) -> None:
         """Mark the segment failed for good with `word` (poison_word()), in this rank's control
