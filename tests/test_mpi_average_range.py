@@ -1,4 +1,4 @@
-"""An average never overflows where its inputs do not, on every path (README, docs/shared-memory.md).
+"""An average never overflows where its inputs do not, on every path (docs/ring.md, docs/shared-memory.md).
 
 Floats are divided by the number of contributing ranks before the sum, as NCCL does, so
 values near the dtype's largest (3e38 in float32, 58000 in float16) average to a finite,
