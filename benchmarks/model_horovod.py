@@ -2,7 +2,7 @@
 
     python benchmarks/model_horovod.py [--out PREFIX]      # PREFIX.txt and PREFIX.json as well
 
-Every input, with its source (docs/scaling_horovod.md has the full URLs) or "assumption":
+Every input, with its source (docs/scaling.md, "Inputs", has the full URLs) or "assumption":
 
   cluster  4 Pascal GPUs per server, 25 Gbit/s RoCE-capable network, up to 128 servers (512 GPUs)
            [Horovod docs/benchmarks.rst; README at commit 02290f9: 32 servers, 128 GPUs]

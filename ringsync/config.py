@@ -1,7 +1,7 @@
 """Every RINGSYNC_* environment variable is read through these helpers.
 
 Each setting is an explicit argument somewhere; the environment only supplies its default.
-The README's configuration table lists them all. A malformed value raises ValueError
+docs/configuration.md lists them all. A malformed value raises ValueError
 naming the variable, rather than being silently ignored.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024       # PyTorch DDP's first bucket
 
 @dataclass(frozen=True)
 class Settings:
-    """The shared settings, one field per RINGSYNC_* variable (the README's table)."""
+    """The shared settings, one field per RINGSYNC_* variable (docs/configuration.md)."""
 
     allreduce: str = "auto"                    # RINGSYNC_ALLREDUCE: auto picks by size
     small_bytes: int = DEFAULT_SMALL_BYTES     # RINGSYNC_SMALL_BYTES: auto's small-buffer limit

@@ -12,7 +12,7 @@ So all ranks hold the same model, bit for bit, after every step; the summary pro
 comparing parameter hashes across ranks. --batch-size is per rank (Horovod's convention):
 the global batch is ranks x batch size, and the learning rate applies to its average gradient.
 That is --sync bsp, the default; --sync backup:B, local:H, ssp:S and async combine the
-ranks' work in other ways (ringsync/sync/, docs/sync-vs-async.md). --compression fp16, bf16
+ranks' work in other ways (ringsync/training/sync/, docs/sync-vs-async.md). --compression fp16, bf16
 or powersgd:R compresses the gradients on their way through bsp's all-reduce, with or without
 error feedback (ringsync/training/compression.py, docs/compression.md).
 """
