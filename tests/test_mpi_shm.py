@@ -24,6 +24,17 @@ from ringsync.transport.memcopy import PAGE, address
 COMM = MPI.COMM_WORLD
 R, P = COMM.rank, COMM.size
 LENGTHS = [0, 1, 2, 3, 7, 1001, 65537]
+# Where the slots are small (1 KB in pieces, 8 KB in nodes-of-2) a fraction of the largest
+# sizes still crosses dozens of pieces and both slot parities, and each piece is a sync point
+# every rank must reach: at full size these tests took a third or more of the 300 s limit of
+# the 3- and 4-rank steps on a loaded machine (tests/loops/make_test_loop.sh).
+SMALL_SLOTS = {"pieces": 10, "nodes-of-2": 4}
+
+
+def scaled(config: str, n: int) -> int:
+    """n, or (for n of 10,000 and more) a fraction of it, made odd, where the slots are small."""
+    k = SMALL_SLOTS.get(config, 1)
+    return n if k == 1 or n < 10_000 else (n // k) | 1
 
 CONFIGS = {
     "p2p": {"RINGSYNC_TRANSPORT": "p2p"},
@@ -64,7 +75,7 @@ def raised_everywhere(call, error, match=""):
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_length_and_op_on_every_path(rs, config, dtype):
-    for length in LENGTHS:
+    for length in (scaled(config, n) for n in LENGTHS):
         for op in OPS:
             check_against_oracle(rs, rank_data((length,), dtype, seed=length), op)
 
@@ -266,9 +277,10 @@ def test_different_shared_buffers_raise_everywhere(rs, shm):
 SEPARATE = [0, 150_001, 3, 0, 40_000, 1, 2]     # above the small limit even as float16
 
 
-def separate_arrays(dtype, seed):
-    data = rank_data((sum(SEPARATE),), dtype, seed)
-    bounds = np.cumsum([0, *SEPARATE])
+def separate_arrays(dtype, seed, config=""):
+    sizes = [scaled(config, n) for n in SEPARATE]
+    data = rank_data((sum(sizes),), dtype, seed)
+    bounds = np.cumsum([0, *sizes])
     return [data[lo:hi].copy() for lo, hi in itertools.pairwise(bounds)]     # separate allocations
 
 
@@ -291,7 +303,7 @@ def unpacked(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
 def test_separate_arrays_give_the_bits_of_their_concatenation_on_every_path(rs, config, dtype, unpacked):
     for op in OPS:
-        arrays = separate_arrays(dtype, seed=7)
+        arrays = separate_arrays(dtype, seed=7, config=config)
         reference = rs.allreduce(np.concatenate(arrays), op=op)
         del unpacked[:]
         rs.grouped_allreduce_(arrays, op=op)
@@ -306,16 +318,17 @@ def test_separate_arrays_give_the_bits_of_their_concatenation_on_every_path(rs, 
 
 @pytest.mark.mpi
 def test_an_array_twice_or_overlapping_views_are_packed_not_reduced_twice(rs, config, unpacked):
-    a = np.full(100_000, 1.0 + R, np.float32)
-    b = np.full(100_000, 1.0 + R, np.float32)
-    base = np.full(300_000, 1.0 + R, np.float32)
-    for arrays in ([a, a], [b, base[:200_000], base[100_000:]]):
+    k = 100_000 // SMALL_SLOTS.get(config, 1)
+    a = np.full(k, 1.0 + R, np.float32)
+    b = np.full(k, 1.0 + R, np.float32)
+    base = np.full(3 * k, 1.0 + R, np.float32)
+    for arrays in ([a, a], [b, base[:2 * k], base[k:]]):
         rs.grouped_allreduce_(arrays)
         total = P * (P + 1) / 2
         ok = all(np.all(x == total) for x in arrays[:1]) and not unpacked
         assert_everywhere(ok, f"{config}: overlapping arrays in a bucket")
         a[...], b[...], base[...] = 1.0 + R, 1.0 + R, 1.0 + R
-    views = [base[:100_000], base[200_000:]]                    # separate views of one array
+    views = [base[:k], base[2 * k:]]                            # separate views of one array
     rs.grouped_allreduce_(views)
     assert_everywhere(all(np.all(v == P * (P + 1) / 2) for v in views)
                       and unpacked == ([2] if config != "p2p" and P > 1 else []), f"{config}: separate views")
