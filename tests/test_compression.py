@@ -34,7 +34,7 @@ def bf16_or_skip():
     return ops.BFLOAT16
 
 
-# --- error feedback, by hand --------------------------------------------------------------------
+# --- a 16-bit float's finiteness, by its bits (ops.all_finite) -------------------------------------
 
 def check_all_finite(dtype):
     """ops.all_finite against np.isfinite on every bit pattern of the 16-bit float `dtype`."""
@@ -60,6 +60,8 @@ def check_all_finite(dtype):
 def test_all_finite_judges_every_float16_pattern_as_isfinite_does():
     check_all_finite(np.dtype(np.float16))
 
+
+# --- error feedback, by hand --------------------------------------------------------------------
 
 def test_fp16_error_feedback_by_hand():
     """g = 1 + 2**-12 each step, in float32. float16 has 10 fraction bits (spacing 2**-10 at 1):

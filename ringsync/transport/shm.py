@@ -49,9 +49,8 @@ yields (never while it spins: the fast path costs nothing), raises PeerFailedErr
 the same message, and poisons its own line too; but not if the rank it waits for has
 reached the sync point meanwhile (a waiter descheduled under load may look late): a failure
 after this point (later in this call or in a later one) belongs to the next sync point,
-where it raises. The segment stays
-poisoned for good: every later collective that syncs on it raises at once, on every rank of
-the node. (shutdown() and init() make a new one.)
+where it raises. The segment stays poisoned for good: every later collective that syncs on
+it raises at once, on every rank of the node. (shutdown() and init() make a new one.)
 """
 from __future__ import annotations
 
