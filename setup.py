@@ -13,7 +13,8 @@ setup(
     extras_require={
         # the MPI library itself, from PyPI; leave it out to use a system MPI
         "mpich": ["mpich"],
-        "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "hypothesis>=6", "ruff", "ml_dtypes>=0.5"],
+        "dev": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2", "pytest-xdist>=3", "hypothesis>=6", "ruff",
+                "ml_dtypes>=0.5"],
         "bf16": ["ml_dtypes>=0.5"],    # bfloat16 arrays (ops.py; NumPy has no bfloat16)
         # CuPy's prebuilt wheel for your CUDA major version (nvidia-smi shows it)
         "gpu": ["cupy-cuda12x"],

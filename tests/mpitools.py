@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shlex
@@ -72,12 +73,61 @@ def assert_everywhere(ok: bool, message: str = "") -> None:
     assert not bad, f"failed on ranks {bad}: {message}"
 
 
+def fingerprint(arr) -> tuple:
+    """`arr`'s bytes (as a SHA-256 digest), shape and dtype: equal on two ranks exactly when
+    the arrays are, and a few dozen bytes to send however large the array."""
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(), arr.shape, arr.dtype.str
+
+
 def same_bits_everywhere(arr) -> bool:
     """True if `arr` has identical bytes, shape and dtype on every rank."""
     from mpi4py import MPI
 
-    mine = (np.ascontiguousarray(arr).tobytes(), arr.shape, arr.dtype.str)
+    mine = fingerprint(arr)
     return all(m == mine for m in MPI.COMM_WORLD.allgather(mine))
+
+
+class Verdicts:
+    """Checks made on this rank, asserted on every rank at once by one collective (check()).
+
+    A test that checks after every call pays a sync point per check, and on a loaded machine
+    each sync point waits for every rank to get a core: collected, a test's checks cost one.
+        v = Verdicts()
+        v.expect(np.array_equal(got, want), f"{op} {dtype}: not the oracle's result")
+        v.same_bits(got, f"{op} {dtype}")          # bitwise identical on every rank
+        v.check()                                  # collective: every rank raises, or none
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.prints: list[tuple[str, tuple]] = []
+
+    def expect(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.failed.append(message)
+
+    def same_bits(self, arr, what: str) -> None:
+        self.prints.append((what, fingerprint(arr)))
+
+    def check(self) -> None:
+        """Raise on every rank with each failed check and its ranks, if any rank had one."""
+        from mpi4py import MPI
+
+        everyone = MPI.COMM_WORLD.allgather((self.failed, self.prints))
+        self.failed, self.prints = [], []
+        problems: dict[str, list[int]] = {}
+        for rank, (failed, _) in enumerate(everyone):
+            for message in failed:
+                problems.setdefault(message, []).append(rank)
+        lengths = {len(prints) for _, prints in everyone}
+        if len(lengths) > 1:
+            problems["ranks made different numbers of same-bits checks"] = []
+        else:
+            for k, (what, mine) in enumerate(everyone[0][1]):
+                differ = [r for r, (_, prints) in enumerate(everyone) if prints[k][1] != mine]
+                if differ:
+                    problems[f"{what}: results are not bitwise identical across ranks"] = differ
+        assert not problems, "; ".join(f"{m} (ranks {r})" if r else m for m, r in problems.items())
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mpi4py import MPI
-from mpitools import assert_everywhere, exact_integer_allreduce, same_bits_everywhere
+from mpitools import Verdicts, assert_everywhere, exact_integer_allreduce
 
 DTYPES = ["float16", "float32", "float64", "int32", "int64"]
 OPS = ["sum", "average", "min", "max"]
@@ -47,9 +47,11 @@ def check_against_oracle(rs, x, op):
     else:
         ok = got.dtype == x.dtype and got.shape == x.shape and bool(
             np.all(np.abs(got.astype(np.float64) - ref) <= bound + np.finfo(x.dtype).tiny))
-    assert_everywhere(ok, f"allreduce {op} {x.dtype} {x.shape} disagrees with the oracle")
-    assert_everywhere(np.array_equal(x, before), "out-of-place allreduce modified its input")
-    assert_everywhere(same_bits_everywhere(got), "results are not bitwise identical across ranks")
+    v = Verdicts()                  # one sync point for the three checks
+    v.expect(ok, f"allreduce {op} {x.dtype} {x.shape} disagrees with the oracle")
+    v.expect(np.array_equal(x, before), "out-of-place allreduce modified its input")
+    v.same_bits(got, f"allreduce {op} {x.dtype} {x.shape}")
+    v.check()
 
 
 @pytest.mark.mpi

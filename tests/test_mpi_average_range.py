@@ -11,7 +11,7 @@ of them). Every result: finite, the mean to rounding, bitwise identical on every
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import assert_everywhere, ringsync_settings, same_bits_everywhere
+from mpitools import Verdicts, assert_everywhere, ringsync_settings
 
 from ringsync import collectives
 
@@ -76,36 +76,37 @@ def zero_copy(monkeypatch):
     return taken
 
 
-def check(ok, got, what):
-    assert_everywhere(ok, f"{what}: not finite or not the mean")
-    assert_everywhere(same_bits_everywhere(got), f"{what}: not bitwise identical across ranks")
+def check(verdicts, ok, got, what):
+    verdicts.expect(ok, f"{what}: not finite or not the mean")
+    verdicts.same_bits(got, what)
 
 
 @pytest.mark.mpi
 def test_an_average_of_values_near_the_largest_is_finite_and_the_mean_on_every_path(rs, config):
-    everyone = range(P)
+    everyone, v = range(P), Verdicts()
     total = sum(int(np.prod(s)) for s in SHAPES)
     for dtype in DTYPES:
         for n in LENGTHS:                                       # one array: small to pipelined
             got = rs.allreduce(big(n, dtype, R), op="average")
-            check(correct(got, n, dtype, everyone), got, f"{config} allreduce {n} {dtype}")
+            check(v, correct(got, n, dtype, everyone), got, f"{config} allreduce {n} {dtype}")
             x = big(n, dtype, R, seed=1)
             rs.allreduce_(x.reshape(1, n), op="average")
-            check(correct(x, n, dtype, everyone, seed=1), x, f"{config} allreduce_ {n} {dtype}")
+            check(v, correct(x, n, dtype, everyone, seed=1), x, f"{config} allreduce_ {n} {dtype}")
         arrays = [big(n, dtype, R, seed=k) for k, n in enumerate(SEPARATE)]     # separate arrays
         rs.grouped_allreduce_(arrays, op="average")
         for k, (n, got) in enumerate(zip(SEPARATE, arrays)):
-            check(correct(got, n, dtype, everyone, seed=k), got, f"{config} grouped [{k}] {dtype}")
+            check(v, correct(got, n, dtype, everyone, seed=k), got, f"{config} grouped [{k}] {dtype}")
         got = rs.grouped_allreduce([big(n, dtype, R, seed=k) for k, n in enumerate(SEPARATE)], op="average")
         for k, (n, out) in enumerate(zip(SEPARATE, got)):
-            check(correct(out, n, dtype, everyone, seed=k), out, f"{config} grouped_allreduce [{k}] {dtype}")
+            check(v, correct(out, n, dtype, everyone, seed=k), out, f"{config} grouped_allreduce [{k}] {dtype}")
         for shared in (False, True):                            # a FlatBuffer: its views, or a list
             with rs.FlatBuffer(SHAPES, dtype, shared=shared) as fb:
                 for views in (fb.views, list(fb.views)):
                     fb.flat[...] = big(total, dtype, R)
                     rs.grouped_allreduce_(views, op="average")
-                    check(correct(fb.flat, total, dtype, everyone), fb.flat,
+                    check(v, correct(fb.flat, total, dtype, everyone), fb.flat,
                           f"{config} FlatBuffer shared={shared} {type(views).__name__} {dtype}")
+    v.check()
 
 
 @pytest.mark.mpi(min_size=2)
@@ -131,7 +132,7 @@ def test_the_zero_copy_average_divides_first_and_matches_the_copy_in_path(rs, ze
     """A shared FlatBuffer on one node (the trainer's gradients) takes the zero-copy path,
     which divides each input as it reads it: the same bits as the copy-in path, which
     divides on the way into its slots."""
-    total = sum(int(np.prod(s)) for s in SHAPES)
+    total, v = sum(int(np.prod(s)) for s in SHAPES), Verdicts()
     with ringsync_settings(RINGSYNC_TRANSPORT="shm", **SMALL):
         for dtype in DTYPES:
             with rs.FlatBuffer(SHAPES, dtype, shared=True) as fb:
@@ -140,8 +141,9 @@ def test_the_zero_copy_average_divides_first_and_matches_the_copy_in_path(rs, ze
                     private = fb.flat.copy()
                     del zero_copy[:]
                     rs.grouped_allreduce_(views, op="average")
-                    assert_everywhere(len(zero_copy) == (P > 1), f"zero-copy path taken {len(zero_copy)} times")
-                    check(correct(fb.flat, total, dtype, range(P)), fb.flat,
+                    v.expect(len(zero_copy) == (P > 1), f"zero-copy path taken {len(zero_copy)} times")
+                    check(v, correct(fb.flat, total, dtype, range(P)), fb.flat,
                           f"zero-copy {type(views).__name__} {dtype}")
                     rs.allreduce_(private, op="average")        # the copy-in path, same data
-                    assert_everywhere(np.array_equal(private, fb.flat), f"zero-copy and copy-in differ ({dtype})")
+                    v.expect(np.array_equal(private, fb.flat), f"zero-copy and copy-in differ ({dtype})")
+    v.check()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 from mpitools import (
+    Verdicts,
     assert_everywhere,
     exact_integer_allreduce,
     ringsync_settings,
@@ -55,36 +56,37 @@ def fast(algorithm, x, reduce, segment):
 # made one, and has its tests in test_mpi_bf16.py)
 @pytest.mark.parametrize("dtype", [name for name in ops.DTYPE_NAMES if name != "bfloat16"])
 def test_fast_paths_match_teaching_ring_and_mpi(algorithm, dtype):
-    failures = []
+    v = Verdicts()
+    is_float = np.dtype(dtype).kind == "f"
     for n in LENGTHS:
+        x = rank_data(n, dtype, seed=n)
+        wide = x.astype(np.float64) if is_float else x      # MPI has no float16: oracle in float64
         for op, reduce in UFUNCS.items():
-            for segment in ((1, 7) if n < 50 else (7, 64)):
-                x = rank_data(n, dtype, seed=n)
+            teaching = ring_allreduce_(x.copy(), COMM, reduce)
+            if is_float:
+                oracle = np.empty_like(wide)
+                COMM.Allreduce(wide, oracle, op=MPI_OP[op])
+            else:          # MPIs differ on integer overflow: exact arithmetic instead
+                oracle = exact_integer_allreduce(x, op)
+            # a chunk (n / p elements) in many segments, in a few, with a short last one
+            # (segments mean nothing to doubling)
+            segments = (1,) if algorithm == "doubling" else (1, 7) if n < 50 else (7, 64) if n < 500 else (64, 100)
+            for segment in segments:
                 got = fast(algorithm, x, reduce, segment)
-                teaching = ring_allreduce_(x.copy(), COMM, reduce)
-                is_float = np.dtype(dtype).kind == "f"
-                if is_float:   # MPI has no float16: oracle in float64
-                    wide = x.astype(np.float64)
-                    oracle, scale = np.empty_like(wide), np.empty_like(wide)
-                    COMM.Allreduce(wide, oracle, op=MPI_OP[op])
-                else:          # MPIs differ on integer overflow: exact arithmetic instead
-                    wide = x
-                    oracle = exact_integer_allreduce(x, op)
                 if algorithm == "pipelined" or COMM.size <= 2 or not is_float or op != "sum":
                     # Same reduction order as the teaching ring (always for the pipelined ring;
                     # for doubling when p <= 2 or the op is exact): identical bits.
                     ok = np.array_equal(got.view(np.uint8), teaching.view(np.uint8))
-                else:
+                else:      # (doubling only, with its one segment)
+                    scale = np.empty_like(wide)
                     COMM.Allreduce(np.abs(wide), scale, op=MPI.SUM)
                     bound = 2 * COMM.size * np.finfo(dtype).eps * scale
                     ok = bool(np.all(np.abs(got.astype(np.float64) - oracle) <= bound))
                 if not is_float or op != "sum":  # exact results: equal to the oracle
                     ok = ok and np.array_equal(got.astype(wide.dtype), oracle)
-                if not (same_bits_everywhere(got) and ok):     # (the collective first, on every rank)
-                    failures.append((n, op, segment))
-                if algorithm == "doubling":
-                    break  # segments mean nothing to doubling
-    assert_everywhere(not failures, f"{algorithm} {dtype}: wrong for (n, op, segment) {failures}")
+                v.expect(ok, f"{algorithm} {dtype}: wrong for n={n} {op} segment={segment}")
+                v.same_bits(got, f"{algorithm} {dtype} n={n} {op} segment={segment}")
+    v.check()
 
 
 @pytest.mark.mpi

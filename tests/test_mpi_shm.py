@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import assert_everywhere, exact_integer_allreduce, ringsync_settings, same_bits_everywhere
+from mpitools import Verdicts, assert_everywhere, exact_integer_allreduce, ringsync_settings, same_bits_everywhere
 from test_memcopy import at_page_offset, count_trapped_copies
 from test_mpi_allreduce import DTYPES, OPS, check_against_oracle, rank_data
 
@@ -302,18 +302,20 @@ def unpacked(monkeypatch):
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
 def test_separate_arrays_give_the_bits_of_their_concatenation_on_every_path(rs, config, dtype, unpacked):
+    v = Verdicts()
     for op in OPS:
         arrays = separate_arrays(dtype, seed=7, config=config)
         reference = rs.allreduce(np.concatenate(arrays), op=op)
         del unpacked[:]
         rs.grouped_allreduce_(arrays, op=op)
         got = np.concatenate(arrays)
-        assert_everywhere(np.array_equal(got, reference, equal_nan=True),
-                          f"{config}: {op} {dtype} of separate arrays differs from their concatenation's")
-        assert_everywhere(same_bits_everywhere(got), "results are not bitwise identical across ranks")
+        v.expect(np.array_equal(got, reference, equal_nan=True),
+                 f"{config}: {op} {dtype} of separate arrays differs from their concatenation's")
+        v.same_bits(got, f"{config}: {op} {dtype}")
         as_they_lie = config != "p2p" and P > 1 and not (op == "average" and dtype == "int32")
-        assert_everywhere(unpacked == ([len(SEPARATE)] if as_they_lie else []),
-                          f"{config}: {op} {dtype}: buckets reduced as they lie {unpacked}")
+        v.expect(unpacked == ([len(SEPARATE)] if as_they_lie else []),
+                 f"{config}: {op} {dtype}: buckets reduced as they lie {unpacked}")
+    v.check()
 
 
 @pytest.mark.mpi
