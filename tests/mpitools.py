@@ -76,7 +76,7 @@ def assert_everywhere(ok: bool, message: str = "") -> None:
 def fingerprint(arr) -> tuple:
     """`arr`'s bytes (as a SHA-256 digest), shape and dtype: equal on two ranks exactly when
     the arrays are, and a few dozen bytes to send however large the array."""
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(), arr.shape, arr.dtype.str
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(), arr.shape, str(arr.dtype)
 
 
 def same_bits_everywhere(arr) -> bool:
@@ -119,14 +119,17 @@ class Verdicts:
         for rank, (failed, _) in enumerate(everyone):
             for message in failed:
                 problems.setdefault(message, []).append(rank)
-        lengths = {len(prints) for _, prints in everyone}
-        if len(lengths) > 1:
-            problems["ranks made different numbers of same-bits checks"] = []
+        counts = [len(prints) for _, prints in everyone]
+        if len(set(counts)) > 1:
+            problems[f"ranks made different numbers of same-bits checks: {counts}"] = []
         else:
-            for k, (what, mine) in enumerate(everyone[0][1]):
-                differ = [r for r, (_, prints) in enumerate(everyone) if prints[k][1] != mine]
-                if differ:
-                    problems[f"{what}: results are not bitwise identical across ranks"] = differ
+            for k, (what, _) in enumerate(everyone[0][1]):
+                groups: dict[tuple, list[int]] = {}       # ranks by the bits they hold
+                for rank, (_, prints) in enumerate(everyone):
+                    groups.setdefault(prints[k][1], []).append(rank)
+                if len(groups) > 1:
+                    problems[f"{what}: results are not bitwise identical across ranks, "
+                             f"which hold {len(groups)} different results: {sorted(groups.values())}"] = []
         assert not problems, "; ".join(f"{m} (ranks {r})" if r else m for m, r in problems.items())
 
 

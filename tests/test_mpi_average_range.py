@@ -141,7 +141,8 @@ def test_the_zero_copy_average_divides_first_and_matches_the_copy_in_path(rs, ze
                     private = fb.flat.copy()
                     del zero_copy[:]
                     rs.grouped_allreduce_(views, op="average")
-                    v.expect(len(zero_copy) == (P > 1), f"zero-copy path taken {len(zero_copy)} times")
+                    v.expect(len(zero_copy) == (P > 1),
+                             f"zero-copy path taken {len(zero_copy)} times ({type(views).__name__} {dtype})")
                     check(v, correct(fb.flat, total, dtype, range(P)), fb.flat,
                           f"zero-copy {type(views).__name__} {dtype}")
                     rs.allreduce_(private, op="average")        # the copy-in path, same data

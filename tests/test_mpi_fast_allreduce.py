@@ -70,7 +70,7 @@ def test_fast_paths_match_teaching_ring_and_mpi(algorithm, dtype):
                 oracle = exact_integer_allreduce(x, op)
             # a chunk (n / p elements) in many segments, in a few, with a short last one
             # (segments mean nothing to doubling)
-            segments = (1,) if algorithm == "doubling" else (1, 7) if n < 50 else (7, 64) if n < 500 else (64, 100)
+            segments = (1,) if algorithm == "doubling" else (1, 7) if n < 50 else (7, 64) if n < 500 else (7, 100)
             for segment in segments:
                 got = fast(algorithm, x, reduce, segment)
                 if algorithm == "pipelined" or COMM.size <= 2 or not is_float or op != "sum":

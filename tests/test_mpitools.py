@@ -5,7 +5,7 @@ calling MPI_Abort); exact_integer_allreduce is the exact integer oracle.
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpitools import exact_integer_allreduce, program_lines
+from mpitools import Verdicts, exact_integer_allreduce, fingerprint, program_lines
 
 OWN = ["ringsync-train: error: argument --straggler: got 'banana'", "  Process name: my own field"]
 
@@ -89,3 +89,56 @@ def test_exact_integer_oracle(monkeypatch, dtype, parts, op, expected):
     got = exact_integer_allreduce(parts[0], op)
     assert got.dtype == np.dtype(dtype) and got.shape == parts[0].shape
     assert np.array_equal(got, np.asarray(expected, dtype=dtype))
+
+
+class Gathered:
+    """Stands in for COMM_WORLD: allgather returns what these ranks would have sent."""
+
+    def __init__(self, everyone):
+        self.everyone = everyone
+
+    def allgather(self, _mine):
+        return self.everyone
+
+
+def ranks_verdicts(p, fill):
+    """What p ranks' Verdicts send at check(): fill(v, rank) makes each rank's checks."""
+    sent = []
+    for rank in range(p):
+        v = Verdicts()
+        fill(v, rank)
+        sent.append((v.failed, v.prints))
+    return sent
+
+
+def test_verdicts_name_each_failed_check_and_how_the_ranks_results_split(monkeypatch):
+    def fill(v, rank):
+        v.expect(rank != 1, "wrong on rank 1")
+        v.expect(True, "right everywhere")
+        v.same_bits(np.arange(3) + (rank == 0), "rank 0 differs")
+        v.same_bits(np.zeros((0, 2)), "empty everywhere")
+    monkeypatch.setattr(MPI, "COMM_WORLD", Gathered(ranks_verdicts(3, fill)))
+    with pytest.raises(AssertionError) as raised:
+        Verdicts().check()
+    message = str(raised.value)
+    assert "wrong on rank 1 (ranks [1])" in message and "right everywhere" not in message
+    assert "rank 0 differs: results are not bitwise identical" in message and "[[0], [1, 2]]" in message
+    assert "empty everywhere" not in message
+
+
+def test_verdicts_pass_when_every_check_holds_and_refuse_unequal_counts(monkeypatch):
+    monkeypatch.setattr(MPI, "COMM_WORLD", Gathered(ranks_verdicts(4, lambda v, r: v.same_bits(np.ones(5), "x"))))
+    Verdicts().check()
+    monkeypatch.setattr(MPI, "COMM_WORLD", Gathered(ranks_verdicts(2, lambda v, r: [v.same_bits(np.ones(1), "x") for _ in range(r)])))
+    with pytest.raises(AssertionError, match=r"different numbers of same-bits checks: \[0, 1\]"):
+        Verdicts().check()
+
+
+def test_fingerprints_tell_shape_dtype_and_bits_apart():
+    x = np.arange(6, dtype=np.float16)
+    assert fingerprint(x) == fingerprint(x.copy()) == fingerprint(np.repeat(x, 2)[::2])   # layout aside
+    assert fingerprint(np.float16(1.0) * np.ones(())) != fingerprint(np.ones(1, np.float16))
+    assert fingerprint(x) != fingerprint(x.view(np.int16)) != fingerprint(x.reshape(2, 3))
+    y = x.copy()
+    y[5] = np.nextafter(y[5], np.float16(np.inf))
+    assert fingerprint(x) != fingerprint(y)
